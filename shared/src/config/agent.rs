@@ -1,0 +1,248 @@
+//! `agent.toml`: the node agent's configuration.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::validate::Checker;
+use super::{FieldError, TlsConfig, Validate};
+use crate::ids::{GameId, NodeId, RegionName, TierName};
+use crate::protocol::DEFAULT_MAX_FRAME;
+
+/// The agent's whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The node's id; the host name when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<NodeId>,
+    /// The region the node serves; must match its broker's.
+    pub region: RegionName,
+    /// Where the agent keeps its generation counter and vGPU records across restarts.
+    pub data_dir: PathBuf,
+    /// How to reach the broker.
+    pub broker: BrokerLinkConfig,
+    /// Where the GPU inventory comes from.
+    pub inventory: InventoryConfig,
+    /// How vGPUs are created.
+    pub vgpu: VgpuConfig,
+    /// The WHEP endpoint players connect to.
+    pub whep: WhepConfig,
+    /// Games this node can run.
+    #[serde(default)]
+    pub games: Vec<AgentGameConfig>,
+}
+
+/// `[broker]`: the control-plane link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerLinkConfig {
+    /// The broker's QUIC address, `host:port`.
+    pub address: String,
+    /// The name the broker's certificate is checked against.
+    pub server_name: String,
+    /// Certificates for mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    /// Largest protocol frame accepted from the broker.
+    pub max_frame_bytes: u32,
+}
+
+/// Where the agent learns what GPUs the node has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InventorySource {
+    /// NVML if the driver loads, else the simulated inventory if one is configured.
+    Auto,
+    /// NVML only; the agent refuses to start without the driver.
+    Nvml,
+    /// The simulated inventory in `inventory.simulate`.
+    Simulated,
+}
+
+/// `[inventory]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InventoryConfig {
+    /// Where the inventory comes from.
+    pub source: InventorySource,
+    /// A TOML file describing simulated GPUs by model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simulate: Option<PathBuf>,
+}
+
+/// How the agent creates vGPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VgpuBackendKind {
+    /// Bookkeeping only, for simulated inventories.
+    Simulated,
+    /// Linux mediated devices through sysfs.
+    Mdev,
+    /// MIG instances through NVML.
+    Mig,
+}
+
+/// `[vgpu]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VgpuConfig {
+    /// The backend.
+    pub backend: VgpuBackendKind,
+    /// Root of the sysfs tree the mdev backend works in (`/sys`; a temp dir in tests).
+    pub sysfs_root: PathBuf,
+}
+
+/// `[whep]`: where players connect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WhepConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// The URL players reach it at, when it differs from `http://<listen>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
+}
+
+/// `[[games]]`: how to launch a game on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentGameConfig {
+    /// The game.
+    pub id: GameId,
+    /// The program to run; the built-in synthetic game when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<PathBuf>,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment; the agent adds the assigned GPU, vGPU and limits.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Tiers it can run at; empty means all.
+    #[serde(default)]
+    pub tiers: Vec<TierName>,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            node_id: None,
+            region: RegionName::new("local").unwrap_or_else(|_| unreachable!("valid literal")),
+            data_dir: PathBuf::from("framecast-agent-data"),
+            broker: BrokerLinkConfig {
+                address: "127.0.0.1:4433".into(),
+                server_name: "localhost".into(),
+                tls: None,
+                max_frame_bytes: DEFAULT_MAX_FRAME,
+            },
+            inventory: InventoryConfig {
+                source: InventorySource::Auto,
+                simulate: None,
+            },
+            vgpu: VgpuConfig {
+                backend: VgpuBackendKind::Simulated,
+                sysfs_root: PathBuf::from("/sys"),
+            },
+            whep: WhepConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+                public_url: None,
+            },
+            games: Vec::new(),
+        }
+    }
+}
+
+impl Validate for AgentConfig {
+    fn validate(&self, errors: &mut Vec<FieldError>) {
+        let mut c = Checker::new(errors);
+
+        let mut broker = c.section("broker");
+        let address_ok = self
+            .broker
+            .address
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+        broker.check(
+            address_ok,
+            "address",
+            &self.broker.address,
+            "must be host:port",
+        );
+        broker.check(
+            !self.broker.server_name.is_empty(),
+            "server_name",
+            &self.broker.server_name,
+            "must not be empty",
+        );
+        broker.range(
+            "max_frame_bytes",
+            self.broker.max_frame_bytes,
+            4 * 1024,
+            64 * 1024 * 1024,
+        );
+        if let Some(tls) = &self.broker.tls {
+            tls.check(&mut broker.section("tls"));
+        }
+
+        let mut inventory = c.section("inventory");
+        match (&self.inventory.source, &self.inventory.simulate) {
+            (InventorySource::Simulated, None) => inventory.fail(
+                "simulate",
+                "",
+                "must name a simulated inventory file when inventory.source = \"simulated\"",
+            ),
+            (_, Some(path)) => inventory.check(path.is_file(), "simulate", path, "file not found"),
+            _ => {}
+        }
+
+        let mut vgpu = c.section("vgpu");
+        vgpu.check(
+            self.vgpu.sysfs_root.is_absolute(),
+            "sysfs_root",
+            &self.vgpu.sysfs_root,
+            "must be an absolute path",
+        );
+
+        if let Some(url) = &self.whep.public_url {
+            c.section("whep").check(
+                url.starts_with("http://") || url.starts_with("https://"),
+                "public_url",
+                url,
+                "must start with http:// or https://",
+            );
+        }
+
+        let mut seen = BTreeSet::new();
+        for (i, game) in self.games.iter().enumerate() {
+            let mut g = c.section(&format!("games.{i}"));
+            g.check(
+                seen.insert(&game.id),
+                "id",
+                game.id.as_str(),
+                "must be unique among games",
+            );
+            if let Some(cmd) = &game.command {
+                g.check(
+                    cmd.is_absolute(),
+                    "command",
+                    cmd,
+                    "must be an absolute path",
+                );
+            }
+            for key in game.env.keys() {
+                g.check(
+                    !key.is_empty() && !key.contains('=') && !key.starts_with("FRAMECAST_"),
+                    "env",
+                    key,
+                    "names must be non-empty, hold no '=', and not start with FRAMECAST_ \
+                     (the agent sets those)",
+                );
+            }
+        }
+    }
+}

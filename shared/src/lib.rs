@@ -1,0 +1,25 @@
+//! Framecast's shared vocabulary: the domain model, the configuration schema and the
+//! agent↔broker protocol.
+//!
+//! Framecast is a session broker for cloud gaming on shared GPUs. The broker
+//! (`framecast-broker`) places player sessions on vGPU slices of GPU hosts; a node agent
+//! (`framecast-agent`) on each host keeps the vGPU pool and streams games to players over
+//! WebRTC; `framecast-loadtest` proves capacity before GPUs are bought. This crate holds what
+//! they all agree on:
+//!
+//! - [`ids`] and [`units`]: identifiers and units of capacity as newtypes;
+//! - [`tier`], [`genre`] and [`gpu`]: quality tiers, genre profiles, GPU models and their
+//!   sharing modes, with a built-in table of real GPUs in [`gpu::models`];
+//! - [`state`]: the session and node lifecycles;
+//! - [`config`]: `broker.toml` and `agent.toml`;
+//! - [`protocol`]: messages, framing and the version handshake between agents and brokers.
+
+pub mod config;
+pub mod genre;
+pub mod gpu;
+pub mod ids;
+pub mod protocol;
+pub mod state;
+pub mod tier;
+pub mod time;
+pub mod units;

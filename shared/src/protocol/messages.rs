@@ -1,0 +1,361 @@
+//! The messages agents and brokers exchange.
+//!
+//! Compatibility rules (see `docs/PROTOCOL.md`): messages are CBOR maps with named fields, so
+//! a receiver skips fields it does not know; every field added after version 1 is an
+//! `Option` or has `#[serde(default)]`, so an older sender's messages still decode; a message
+//! type a receiver does not know decodes as [`Message::Unknown`], which it ignores.
+
+use serde::{Deserialize, Serialize};
+
+use crate::gpu::{GpuMode, GpuSpec};
+use crate::ids::{GameId, GpuId, NodeId, RegionName, SessionId, TierName};
+use crate::state::{EndReason, SessionState};
+use crate::time::Timestamp;
+use crate::units::{ComputeShare, EncoderUnits, Megabytes};
+
+/// Every message on the agent↔broker link, tagged by `type` on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Message {
+    /// Agent → broker, first on every connection.
+    Hello(Hello),
+    /// Broker → agent: the hello was accepted.
+    Welcome(Welcome),
+    /// Agent → broker, every heartbeat interval.
+    Heartbeat(Heartbeat),
+    /// Broker → agent: the profile each GPU should hold and the warm instances to keep.
+    PoolPlan(PoolPlan),
+    /// Broker → agent: hold a slot for a session.
+    Reserve(Reserve),
+    /// Agent → broker: the slot is held.
+    Reserved(Reserved),
+    /// Agent → broker: the reservation could not be made.
+    Rejected(Rejected),
+    /// Broker → agent: end a session and free its slot.
+    Release(Release),
+    /// Agent → broker: a session changed state on the node.
+    SessionUpdate(SessionUpdate),
+    /// Broker → agent: take no new sessions; end the running ones at the deadline.
+    Drain(Drain),
+    /// Either side, last on a connection: why it is closing.
+    Goodbye(Goodbye),
+    /// A message type this build does not know, from a newer peer; receivers ignore it.
+    #[serde(other)]
+    Unknown,
+}
+
+impl Message {
+    /// The message's type name as it appears on the wire, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Hello(_) => "hello",
+            Self::Welcome(_) => "welcome",
+            Self::Heartbeat(_) => "heartbeat",
+            Self::PoolPlan(_) => "pool-plan",
+            Self::Reserve(_) => "reserve",
+            Self::Reserved(_) => "reserved",
+            Self::Rejected(_) => "rejected",
+            Self::Release(_) => "release",
+            Self::SessionUpdate(_) => "session-update",
+            Self::Drain(_) => "drain",
+            Self::Goodbye(_) => "goodbye",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// Agent → broker, first on every connection: who the node is, what it has and what runs on it.
+///
+/// The agent is the source of truth for what runs on its node, so a broker that restarted
+/// rebuilds its view from these.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The protocol version the agent speaks; see [`super::handshake`].
+    pub protocol_version: u32,
+    /// The agent's build, e.g. `0.1.0`, for logs.
+    pub agent_version: String,
+    /// The node.
+    pub node_id: NodeId,
+    /// The region the node serves.
+    pub region: RegionName,
+    /// Increases every time the agent starts; the broker ignores messages from an older
+    /// generation of the same node and fences such a connection.
+    pub generation: u64,
+    /// The node's GPUs.
+    pub gpus: Vec<GpuInventory>,
+    /// Sessions running on the node now.
+    pub sessions: Vec<RunningSession>,
+}
+
+/// One GPU as an agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuInventory {
+    /// The GPU.
+    pub gpu: GpuId,
+    /// What the GPU is and can do.
+    pub spec: GpuSpec,
+    /// The sharing mode it is in now.
+    pub mode: GpuMode,
+    /// The vGPU or MIG profile it holds now, if any.
+    pub profile: Option<String>,
+    /// Framebuffer not allocated to any vGPU or process.
+    pub free_framebuffer: Megabytes,
+    /// Encoder throughput not leased to a stream.
+    pub free_encoder: EncoderUnits,
+    /// vGPUs created on it, in use or not.
+    pub vgpus: u16,
+}
+
+/// A session an agent has on its node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningSession {
+    /// The session.
+    pub session_id: SessionId,
+    /// Its GPU.
+    pub gpu: GpuId,
+    /// Its slot on that GPU.
+    pub slot: u32,
+    /// Its game.
+    pub game: GameId,
+    /// Its tier.
+    pub tier: TierName,
+    /// Its state on the node.
+    pub state: SessionState,
+    /// When the state began.
+    pub since: Timestamp,
+}
+
+/// Broker → agent: the hello was accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The protocol version both sides will speak.
+    pub protocol_version: u32,
+    /// The broker's build, for logs.
+    pub broker_version: String,
+    /// The region the broker serves.
+    pub region: RegionName,
+    /// The generation the broker accepted; echoed so the agent can tell a stale welcome.
+    pub generation: u64,
+    /// How often the agent must send a heartbeat, in milliseconds.
+    pub heartbeat_interval_ms: u32,
+    /// The broker's Ed25519 public key (32 bytes), with which the agent verifies session
+    /// tokens offline.
+    #[serde(with = "serde_bytes_compat")]
+    pub token_public_key: Vec<u8>,
+}
+
+/// Agent → broker, every heartbeat interval: liveness and what changed on the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The agent's generation.
+    pub generation: u64,
+    /// Increases by one per heartbeat within a generation.
+    pub seq: u64,
+    /// The agent's clock when it sent this.
+    pub sent_at: Timestamp,
+    /// Current free capacity per GPU.
+    pub gpus: Vec<GpuUsage>,
+}
+
+/// Free capacity of one GPU at a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuUsage {
+    /// The GPU.
+    pub gpu: GpuId,
+    /// Framebuffer not allocated.
+    pub free_framebuffer: Megabytes,
+    /// Encoder throughput not leased.
+    pub free_encoder: EncoderUnits,
+    /// Encoder utilisation NVML reports, in percent, where known.
+    pub encoder_utilization_pct: Option<u8>,
+    /// GPU utilisation NVML reports, in percent, where known.
+    pub gpu_utilization_pct: Option<u8>,
+}
+
+/// Broker → agent: how each GPU should be sliced and which warm instances to keep.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolPlan {
+    /// Increases with every plan the broker sends; an agent applies only the newest.
+    pub plan_generation: u64,
+    /// One entry per GPU of the node.
+    pub gpus: Vec<GpuPlan>,
+}
+
+/// The target for one GPU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuPlan {
+    /// The GPU.
+    pub gpu: GpuId,
+    /// The mode it should be in.
+    pub mode: GpuMode,
+    /// The profile it should hold (equal-size and MIG), if any.
+    pub profile: Option<String>,
+    /// vGPUs to create ahead of demand.
+    pub vgpus: u16,
+    /// Warm game instances to keep.
+    pub warm: Vec<WarmTarget>,
+}
+
+/// Keep `count` warm instances of a game at a tier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarmTarget {
+    /// The game.
+    pub game: GameId,
+    /// The tier.
+    pub tier: TierName,
+    /// How many.
+    pub count: u16,
+}
+
+/// Broker → agent: hold a slot on a GPU for a session until `expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reserve {
+    /// Matches the reply to the request.
+    pub request_id: u64,
+    /// The session.
+    pub session_id: SessionId,
+    /// The game.
+    pub game: GameId,
+    /// The tier.
+    pub tier: TierName,
+    /// The GPU chosen by the placer.
+    pub gpu: GpuId,
+    /// The slot on that GPU chosen by the placer.
+    pub slot: u32,
+    /// Framebuffer the session gets.
+    pub framebuffer: Megabytes,
+    /// Compute share the session gets.
+    pub compute_share: ComputeShare,
+    /// Encoder throughput to lease for the stream.
+    pub encoder: EncoderUnits,
+    /// When the reservation lapses if the player has not connected.
+    pub expires_at: Timestamp,
+}
+
+/// Agent → broker: the reservation is held.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reserved {
+    /// The request this answers.
+    pub request_id: u64,
+    /// The session.
+    pub session_id: SessionId,
+    /// Whether a warm instance was assigned (no launch delay).
+    pub warm: bool,
+}
+
+/// Why an agent could not make a reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RejectReason {
+    /// The slot is already taken or the GPU has no room (the broker's view was stale).
+    NoCapacity,
+    /// No free encoder units or sessions on the GPU.
+    EncoderBusy,
+    /// The node is draining or shutting down.
+    Draining,
+    /// The GPU named is not on this node.
+    UnknownGpu,
+    /// The game is not in the node's catalogue.
+    UnknownGame,
+    /// The message came from a stale broker view (older plan or generation).
+    Stale,
+    /// Anything else; see `detail`.
+    #[serde(other)]
+    Other,
+}
+
+/// Agent → broker: the reservation was not made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    /// The request this answers.
+    pub request_id: u64,
+    /// The session.
+    pub session_id: SessionId,
+    /// Why.
+    pub reason: RejectReason,
+    /// Words for an operator.
+    pub detail: String,
+}
+
+/// Broker → agent: end a session and free its slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    /// The session.
+    pub session_id: SessionId,
+    /// Why it ends.
+    pub reason: EndReason,
+}
+
+/// Agent → broker: a session changed state on the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionUpdate {
+    /// The agent's generation.
+    pub generation: u64,
+    /// The session.
+    pub session_id: SessionId,
+    /// Its new state.
+    pub state: SessionState,
+    /// When it changed, on the agent's clock.
+    pub at: Timestamp,
+}
+
+/// Broker → agent: take no new sessions; end running ones with `drained` at `deadline`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drain {
+    /// When remaining sessions are ended.
+    pub deadline: Timestamp,
+}
+
+/// Why a side closes the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GoodbyeReason {
+    /// The sender is shutting down.
+    Shutdown,
+    /// The peers speak no common protocol version.
+    IncompatibleVersion,
+    /// A newer generation of this node is connected; this connection is fenced.
+    StaleGeneration,
+    /// The peer broke the protocol (bad frame, message out of order).
+    ProtocolError,
+    /// The peer failed authentication or authorisation.
+    Unauthorized,
+    /// A reason this build does not know.
+    #[serde(other)]
+    Other,
+}
+
+/// Either side, last on a connection: why it is closing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Goodbye {
+    /// Why.
+    pub reason: GoodbyeReason,
+    /// Words for an operator, e.g. what to upgrade.
+    pub message: String,
+}
+
+/// Serialises `Vec<u8>` as a CBOR byte string rather than an array of integers.
+mod serde_bytes_compat {
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        d.deserialize_byte_buf(Visitor)
+    }
+}
