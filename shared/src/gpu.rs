@@ -11,12 +11,13 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::tier::Codec;
+use crate::tier::{Codec, TierPreset};
 use crate::units::{ComputeShare, EncoderUnits, FramebufferSize, Megabytes};
 
 /// How the sessions on one physical GPU share it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub enum GpuMode {
     /// One session per GPU, no vGPU: the baseline of one GPU per player.
     Exclusive,
@@ -55,6 +56,7 @@ impl fmt::Display for GpuMode {
 /// The class of a vGPU type, as NVIDIA's profile suffixes name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub enum VgpuClass {
     /// `Q` profiles (Quadro-like, RTX vWS): full graphics APIs; the class games run on.
     VirtualWorkstation,
@@ -66,6 +68,7 @@ pub enum VgpuClass {
 
 /// One way to slice a GPU: a vGPU type or a MIG instance shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct VgpuProfile {
     /// The vendor's name for it, e.g. `L4-4Q` or `1g.10gb`.
     pub id: String,
@@ -85,6 +88,7 @@ pub struct VgpuProfile {
 
 /// A GPU model as the placer sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct GpuSpec {
     /// Marketing name, e.g. `NVIDIA L4`; matched against NVML's device name.
     pub model: String,
@@ -93,6 +97,7 @@ pub struct GpuSpec {
     /// Number of NVENC engines; 0 on GPUs that cannot encode video (A100, H100).
     pub nvenc_engines: u8,
     /// Codecs NVENC encodes on this GPU; empty when it has no NVENC.
+    #[cfg_attr(test, proptest(strategy = "crate::test_support::small_vec()"))]
     pub encode_codecs: Vec<Codec>,
     /// Encoder throughput of the whole GPU in 1080p60 H.264 streams.
     pub encoder_capacity: EncoderUnits,
@@ -102,10 +107,13 @@ pub struct GpuSpec {
     /// count on GPUs that use SR-IOV for vGPU).
     pub max_vgpus: u16,
     /// Sharing modes the GPU supports.
+    #[cfg_attr(test, proptest(strategy = "crate::test_support::small_vec()"))]
     pub modes: Vec<GpuMode>,
     /// vGPU types for the equal-size and mixed-size modes.
+    #[cfg_attr(test, proptest(strategy = "crate::test_support::small_vec()"))]
     pub vgpu_profiles: Vec<VgpuProfile>,
     /// MIG instance shapes; empty unless `modes` has [`GpuMode::Mig`].
+    #[cfg_attr(test, proptest(strategy = "crate::test_support::small_vec()"))]
     pub mig_profiles: Vec<VgpuProfile>,
 }
 
@@ -149,9 +157,122 @@ impl GpuSpec {
     }
 }
 
+/// What bounds the number of sessions of one tier a GPU holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CapacityLimit {
+    /// The GPU has no NVENC, so it cannot stream at all.
+    NoEncoder,
+    /// No profile of the mode holds the tier's framebuffer.
+    NoProfile,
+    /// The vGPU profile's instance count.
+    Profile,
+    /// Encoder throughput.
+    Encoder,
+    /// The driver's cap on concurrent encoder sessions.
+    SessionCap,
+}
+
+/// How many sessions of one tier a GPU holds when it serves only that tier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TierCapacity {
+    /// Sessions per GPU.
+    pub sessions: u16,
+    /// The profile the GPU would hold (none in exclusive mode).
+    pub profile: Option<String>,
+    /// What stops it holding more.
+    pub limit: CapacityLimit,
+}
+
+impl GpuSpec {
+    /// Sessions of `tier` one GPU holds when it holds only that tier: in equal-size mode with
+    /// the smallest virtual-workstation profile that fits the tier, or one session in exclusive
+    /// mode where the GPU has no vGPU profiles; then bounded by encoder throughput and any
+    /// session cap.
+    pub fn single_tier_capacity(&self, tier: &TierPreset) -> TierCapacity {
+        let none = |limit| TierCapacity {
+            sessions: 0,
+            profile: None,
+            limit,
+        };
+        if !self.can_stream() {
+            return none(CapacityLimit::NoEncoder);
+        }
+        let (by_profile, profile) = if self.supports(GpuMode::EqualSize) {
+            match self.smallest_profile_for(
+                GpuMode::EqualSize,
+                VgpuClass::VirtualWorkstation,
+                tier.framebuffer,
+            ) {
+                Some(p) => (p.max_instances, Some(p.id.clone())),
+                None => return none(CapacityLimit::NoProfile),
+            }
+        } else if tier.framebuffer.megabytes() <= self.framebuffer {
+            (1, None)
+        } else {
+            return none(CapacityLimit::NoProfile);
+        };
+        let cost = tier.encoder_cost.milli().max(1);
+        let by_encoder = u16::try_from(self.encoder_capacity.milli() / cost).unwrap_or(u16::MAX);
+        let by_cap = self.encoder_session_cap.unwrap_or(u16::MAX);
+        let (sessions, limit) = [
+            (by_profile, CapacityLimit::Profile),
+            (by_encoder, CapacityLimit::Encoder),
+            (by_cap, CapacityLimit::SessionCap),
+        ]
+        .into_iter()
+        .min_by_key(|(n, _)| *n)
+        .unwrap_or((0, CapacityLimit::Profile));
+        TierCapacity {
+            sessions,
+            profile,
+            limit,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tier(name: &str) -> TierPreset {
+        TierPreset::defaults()
+            .into_iter()
+            .find(|t| t.name.as_str() == name)
+            .unwrap()
+    }
+
+    #[test]
+    fn single_tier_capacity_on_an_l4() {
+        let l4 = models::l4();
+        // 720p: 2Q holds 12, and 12 units of encoder at 0.445 each allow 26.
+        let c = l4.single_tier_capacity(&tier("720p"));
+        assert_eq!(
+            (c.sessions, c.profile.as_deref(), c.limit),
+            (12, Some("L4-2Q"), CapacityLimit::Profile)
+        );
+        // 4K: 8Q holds 3, and 12 units at 4 each allow 3: the profile is named first.
+        let c = l4.single_tier_capacity(&tier("4k"));
+        assert_eq!((c.sessions, c.profile.as_deref()), (3, Some("L4-8Q")));
+    }
+
+    #[test]
+    fn single_tier_capacity_limits() {
+        let a100 = models::a100_40gb();
+        assert_eq!(
+            a100.single_tier_capacity(&tier("720p")).limit,
+            CapacityLimit::NoEncoder
+        );
+        let rtx = models::rtx_4090();
+        let c = rtx.single_tier_capacity(&tier("1080p"));
+        assert_eq!(
+            (c.sessions, c.profile, c.limit),
+            (1, None, CapacityLimit::Profile)
+        );
+        // A10's single engine: 6 units hold one 4K stream at 4 units, though 8Q fits 3.
+        let c = models::a10().single_tier_capacity(&tier("4k"));
+        assert_eq!((c.sessions, c.limit), (1, CapacityLimit::Encoder));
+    }
 
     #[test]
     fn only_enforcing_modes_make_compute_a_hard_limit() {

@@ -23,3 +23,6 @@ pub mod state;
 pub mod tier;
 pub mod time;
 pub mod units;
+
+#[cfg(test)]
+mod test_support;

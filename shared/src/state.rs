@@ -22,6 +22,7 @@ use crate::time::Timestamp;
 /// Why a session ended. Recorded for billing and shown to the platform.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub enum EndReason {
     /// The platform or the player released it.
     Released,
@@ -75,6 +76,7 @@ impl fmt::Display for EndReason {
 /// Where a session is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "state", content = "reason", rename_all = "kebab-case")]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub enum SessionState {
     /// Waiting for a slot.
     Queued,

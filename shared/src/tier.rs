@@ -14,6 +14,7 @@ use crate::units::{ComputeShare, EncoderUnits, FramebufferSize};
 /// A video codec a GPU can encode and a browser can decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub enum Codec {
     /// H.264/AVC: every NVENC generation and every WebRTC browser.
     H264,

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
 )]
 #[serde(transparent)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct Timestamp(u64);
 
 impl Timestamp {

@@ -41,6 +41,7 @@ pub enum UnitError {
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
 )]
 #[serde(transparent)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct Megabytes(u64);
 
 impl Megabytes {

@@ -13,6 +13,7 @@
 
 pub mod agent;
 pub mod broker;
+pub mod cli;
 mod validate;
 
 use std::fmt;
@@ -26,6 +27,7 @@ use serde::de::DeserializeOwned;
 
 pub use agent::AgentConfig;
 pub use broker::BrokerConfig;
+pub use cli::ConfigArgs;
 pub use validate::FieldError;
 
 /// The prefix of environment variables that override configuration.

@@ -3,7 +3,8 @@
 //! A frame is a 4-byte big-endian length `n` followed by `n` bytes holding one CBOR-encoded
 //! [`Message`]. The decoder reads the length first and refuses a frame larger than its limit
 //! before it allocates anything for it, so a peer cannot make it reserve memory it did not
-//! agree to; then it buffers exactly `n` bytes, never more.
+//! agree to; then it buffers exactly `n` bytes, never more. Inside a frame, decoding allocates
+//! only for what the bytes hold (see [`decode_message`]).
 
 use bytes::Bytes;
 
@@ -62,9 +63,14 @@ pub fn encode_frame(message: &Message, max_frame: u32) -> Result<Bytes, FrameErr
 }
 
 /// Decodes one message from a frame body (without its header).
+///
+/// The body is first parsed into a generic CBOR value, which allocates only for items that
+/// are actually present: a declared length is never used to reserve memory up front (serde's
+/// typed decoders would reserve up to 1 MiB per collection on a peer's word). The value is
+/// then mapped onto the message types.
 pub fn decode_message(body: &[u8]) -> Result<Message, FrameError> {
     let mut reader = body;
-    let message: Message =
+    let value: ciborium::Value =
         ciborium::from_reader(&mut reader).map_err(|e| FrameError::Malformed(e.to_string()))?;
     if !reader.is_empty() {
         return Err(FrameError::Malformed(format!(
@@ -72,7 +78,9 @@ pub fn decode_message(body: &[u8]) -> Result<Message, FrameError> {
             reader.len()
         )));
     }
-    Ok(message)
+    value
+        .deserialized()
+        .map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
 /// Checks a frame header and returns the body length it announces.
@@ -191,6 +199,8 @@ impl FrameDecoder {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
     use crate::protocol::messages::{Drain, Goodbye, GoodbyeReason};
     use crate::time::Timestamp;
@@ -273,5 +283,66 @@ mod tests {
             encode_frame(&bye, 64),
             Err(FrameError::TooLarge { max: 64, .. })
         ));
+    }
+
+    fn decode_chunked(
+        stream: &[u8],
+        chunks: &[usize],
+        max: u32,
+    ) -> Result<Vec<Message>, FrameError> {
+        let mut dec = FrameDecoder::new(max);
+        let mut out = Vec::new();
+        let mut rest = stream;
+        let mut sizes = chunks.iter().cycle();
+        while !rest.is_empty() {
+            let n = (*sizes.next().unwrap_or(&1)).clamp(1, rest.len());
+            let (mut chunk, tail) = rest.split_at(n);
+            rest = tail;
+            while !chunk.is_empty() {
+                if let Some(m) = dec.decode_message(&mut chunk)? {
+                    out.push(m);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    proptest! {
+        /// Every message survives encode → any chunking → decode.
+        #[test]
+        fn every_message_round_trips(
+            messages in proptest::collection::vec(any::<Message>(), 1..4),
+            chunks in proptest::collection::vec(1usize..64, 1..8),
+        ) {
+            let mut stream = Vec::new();
+            for m in &messages {
+                stream.extend_from_slice(&encode_frame(m, DEFAULT_MAX_FRAME).unwrap());
+            }
+            prop_assert_eq!(decode_chunked(&stream, &chunks, DEFAULT_MAX_FRAME)?, messages);
+        }
+
+        /// Arbitrary bytes are an error or a message, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+            chunks in proptest::collection::vec(1usize..512, 1..4),
+        ) {
+            let _ = decode_chunked(&bytes, &chunks, 4096);
+            let _ = decode_message(&bytes);
+        }
+
+        /// A valid frame with bytes flipped is an error or a message, never a panic.
+        #[test]
+        fn corrupted_frames_never_panic(
+            message in any::<Message>(),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        ) {
+            let mut frame = encode_frame(&message, DEFAULT_MAX_FRAME).unwrap().to_vec();
+            for (at, byte) in flips {
+                let i = at.index(frame.len());
+                frame[i] ^= byte;
+            }
+            let _ = decode_chunked(&frame, &[7], DEFAULT_MAX_FRAME);
+        }
     }
 }

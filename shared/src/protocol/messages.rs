@@ -16,6 +16,7 @@ use crate::units::{ComputeShare, EncoderUnits, Megabytes};
 /// Every message on the agent↔broker link, tagged by `type` on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub enum Message {
     /// Agent → broker, first on every connection.
     Hello(Hello),
@@ -69,6 +70,7 @@ impl Message {
 /// The agent is the source of truth for what runs on its node, so a broker that restarted
 /// rebuilds its view from these.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct Hello {
     /// The protocol version the agent speaks; see [`super::handshake`].
     pub protocol_version: u32,
@@ -82,13 +84,16 @@ pub struct Hello {
     /// generation of the same node and fences such a connection.
     pub generation: u64,
     /// The node's GPUs.
+    #[cfg_attr(test, proptest(strategy = "crate::test_support::small_vec()"))]
     pub gpus: Vec<GpuInventory>,
     /// Sessions running on the node now.
+    #[cfg_attr(test, proptest(strategy = "crate::test_support::small_vec()"))]
     pub sessions: Vec<RunningSession>,
 }
 
 /// One GPU as an agent reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct GpuInventory {
     /// The GPU.
     pub gpu: GpuId,
@@ -108,6 +113,7 @@ pub struct GpuInventory {
 
 /// A session an agent has on its node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct RunningSession {
     /// The session.
     pub session_id: SessionId,
@@ -127,6 +133,7 @@ pub struct RunningSession {
 
 /// Broker → agent: the hello was accepted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct Welcome {
     /// The protocol version both sides will speak.
     pub protocol_version: u32,
@@ -146,6 +153,7 @@ pub struct Welcome {
 
 /// Agent → broker, every heartbeat interval: liveness and what changed on the node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct Heartbeat {
     /// The agent's generation.
     pub generation: u64,
@@ -154,11 +162,13 @@ pub struct Heartbeat {
     /// The agent's clock when it sent this.
     pub sent_at: Timestamp,
     /// Current free capacity per GPU.
+    #[cfg_attr(test, proptest(strategy = "crate::test_support::small_vec()"))]
     pub gpus: Vec<GpuUsage>,
 }
 
 /// Free capacity of one GPU at a heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct GpuUsage {
     /// The GPU.
     pub gpu: GpuId,
@@ -174,15 +184,18 @@ pub struct GpuUsage {
 
 /// Broker → agent: how each GPU should be sliced and which warm instances to keep.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct PoolPlan {
     /// Increases with every plan the broker sends; an agent applies only the newest.
     pub plan_generation: u64,
     /// One entry per GPU of the node.
+    #[cfg_attr(test, proptest(strategy = "crate::test_support::small_vec()"))]
     pub gpus: Vec<GpuPlan>,
 }
 
 /// The target for one GPU.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct GpuPlan {
     /// The GPU.
     pub gpu: GpuId,
@@ -193,11 +206,13 @@ pub struct GpuPlan {
     /// vGPUs to create ahead of demand.
     pub vgpus: u16,
     /// Warm game instances to keep.
+    #[cfg_attr(test, proptest(strategy = "crate::test_support::small_vec()"))]
     pub warm: Vec<WarmTarget>,
 }
 
 /// Keep `count` warm instances of a game at a tier.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct WarmTarget {
     /// The game.
     pub game: GameId,
@@ -209,6 +224,7 @@ pub struct WarmTarget {
 
 /// Broker → agent: hold a slot on a GPU for a session until `expires_at`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct Reserve {
     /// Matches the reply to the request.
     pub request_id: u64,
@@ -234,6 +250,7 @@ pub struct Reserve {
 
 /// Agent → broker: the reservation is held.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct Reserved {
     /// The request this answers.
     pub request_id: u64,
@@ -246,6 +263,7 @@ pub struct Reserved {
 /// Why an agent could not make a reservation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub enum RejectReason {
     /// The slot is already taken or the GPU has no room (the broker's view was stale).
     NoCapacity,
@@ -266,6 +284,7 @@ pub enum RejectReason {
 
 /// Agent → broker: the reservation was not made.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct Rejected {
     /// The request this answers.
     pub request_id: u64,
@@ -279,6 +298,7 @@ pub struct Rejected {
 
 /// Broker → agent: end a session and free its slot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct Release {
     /// The session.
     pub session_id: SessionId,
@@ -288,6 +308,7 @@ pub struct Release {
 
 /// Agent → broker: a session changed state on the node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct SessionUpdate {
     /// The agent's generation.
     pub generation: u64,
@@ -301,6 +322,7 @@ pub struct SessionUpdate {
 
 /// Broker → agent: take no new sessions; end running ones with `drained` at `deadline`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct Drain {
     /// When remaining sessions are ended.
     pub deadline: Timestamp,
@@ -309,6 +331,7 @@ pub struct Drain {
 /// Why a side closes the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub enum GoodbyeReason {
     /// The sender is shutting down.
     Shutdown,
@@ -327,6 +350,7 @@ pub enum GoodbyeReason {
 
 /// Either side, last on a connection: why it is closing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct Goodbye {
     /// Why.
     pub reason: GoodbyeReason,

@@ -14,3 +14,6 @@ pub use framing::{
 };
 pub use handshake::{MIN_SUPPORTED_VERSION, PROTOCOL_VERSION, VersionError, negotiate};
 pub use messages::*;
+
+#[cfg(test)]
+mod compat_tests;
