@@ -37,6 +37,10 @@ impl GpuMode {
 
     /// Whether the mode enforces each vGPU's compute share in hardware or in the scheduler.
     /// Where it does not, the share is a soft dimension for the placer.
+    ///
+    /// Equal-size GPUs count as enforcing because Framecast runs them under NVIDIA's fixed- or
+    /// equal-share vGPU scheduler; under the driver's default best-effort scheduler the share
+    /// would not hold. Mixed-size mode cannot use the fixed-share scheduler at all.
     pub fn enforces_compute_share(self) -> bool {
         matches!(self, Self::EqualSize | Self::Mig | Self::Exclusive)
     }
