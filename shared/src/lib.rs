@@ -13,6 +13,23 @@
 //! - [`state`]: the session and node lifecycles;
 //! - [`config`]: `broker.toml` and `agent.toml`;
 //! - [`protocol`]: messages, framing and the version handshake between agents and brokers.
+//!
+//! A message goes on the wire as one length-prefixed frame and comes back out of a
+//! [`protocol::FrameDecoder`], however the transport splits the bytes:
+//!
+//! ```
+//! use framecast_shared::protocol::{DEFAULT_MAX_FRAME, Drain, FrameDecoder, Message, encode_frame};
+//! use framecast_shared::time::Timestamp;
+//!
+//! let drain = Message::Drain(Drain { deadline: Timestamp::from_millis(1_700_000_000_000) });
+//! let frame = encode_frame(&drain, DEFAULT_MAX_FRAME)?;
+//!
+//! let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
+//! let (first, second) = frame.split_at(3);
+//! assert_eq!(decoder.decode_message(&mut &first[..])?, None);
+//! assert_eq!(decoder.decode_message(&mut &second[..])?, Some(drain));
+//! # Ok::<(), framecast_shared::protocol::FrameError>(())
+//! ```
 
 pub mod config;
 pub mod genre;

@@ -94,6 +94,15 @@ impl fmt::Display for Megabytes {
 }
 
 /// A vGPU framebuffer size: a non-zero multiple of [`FramebufferSize::GRANULARITY`] (64 MB).
+///
+/// ```
+/// use framecast_shared::units::FramebufferSize;
+///
+/// assert_eq!(FramebufferSize::new(8192)?.megabytes().get(), 8192);
+/// let err = FramebufferSize::new(8100).unwrap_err();
+/// assert_eq!(err.to_string(), "must be a multiple of 64 MB, got 8100");
+/// # Ok::<(), framecast_shared::units::UnitError>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "u64", into = "u64")]
 pub struct FramebufferSize(Megabytes);

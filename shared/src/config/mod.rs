@@ -138,6 +138,21 @@ pub struct Sources<'a> {
 }
 
 /// Loads `T` from its defaults and `sources`, then validates it.
+///
+/// ```
+/// use framecast_shared::config::{BrokerConfig, Sources, load};
+///
+/// let sources = Sources {
+///     env: Some(vec![("FRAMECAST_TIERS__4K__FRAMEBUFFER_MB".into(), "8100".into())]),
+///     ..Sources::default()
+/// };
+/// let err = load::<BrokerConfig>(&sources).unwrap_err();
+/// assert_eq!(
+///     err.to_string(),
+///     "tiers.4k.framebuffer_mb = 8100: must be a multiple of 64 \
+///      (from environment variable FRAMECAST_TIERS__4K__FRAMEBUFFER_MB)"
+/// );
+/// ```
 pub fn load<T>(sources: &Sources<'_>) -> Result<T, ConfigError>
 where
     T: Default + Serialize + DeserializeOwned + Validate,
