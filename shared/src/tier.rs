@@ -78,9 +78,17 @@ pub struct TierPreset {
     pub codecs: Vec<Codec>,
     /// Target video bitrate in kbit/s.
     pub bitrate_kbps: u32,
+    /// Host CPU a session needs (game logic, capture, networking), in thousandths of a core.
+    pub cpu_millicores: u32,
 }
 
 impl TierPreset {
+    /// The default CPU demand for a stream of `encoder_cost`: one core per 1080p60 of pixel
+    /// rate, at least one core (Amazon GameLift Streams gives its smallest 2 GB class one vCPU).
+    pub fn cpu_for(encoder_cost: EncoderUnits) -> u32 {
+        encoder_cost.milli().max(1000)
+    }
+
     /// The encoder cost of a stream of `resolution` at `fps` in units of one 1080p60 stream,
     /// from the pixel rate. 720p60 comes out at 0.444, 4K60 at 4.
     pub fn encoder_cost_for(resolution: Resolution, fps: u16) -> EncoderUnits {
@@ -124,6 +132,7 @@ fn preset(
     bitrate_kbps: u32,
 ) -> TierPreset {
     let resolution = Resolution { width, height };
+    let encoder_cost = TierPreset::encoder_cost_for(resolution, 60);
     TierPreset {
         // The literals above are valid names and non-zero sizes in 1..=16.
         name: TierName::new(name).unwrap_or_else(|_| unreachable!("built-in tier name {name}")),
@@ -133,9 +142,10 @@ fn preset(
             NonZeroU16::new(framebuffer_gb).unwrap_or(NonZeroU16::MIN),
         ),
         compute_share: ComputeShare::from_fraction(u32::from(compute_sixteenths), 16),
-        encoder_cost: TierPreset::encoder_cost_for(resolution, 60),
+        encoder_cost,
         codecs,
         bitrate_kbps,
+        cpu_millicores: TierPreset::cpu_for(encoder_cost),
     }
 }
 

@@ -109,6 +109,10 @@ pub struct TierConfig {
     pub codecs: Vec<Codec>,
     /// Target bitrate in kbit/s.
     pub bitrate_kbps: u32,
+    /// Host CPU per session in thousandths of a core; one core per 1080p60 of pixel rate (at
+    /// least one) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millicores: Option<u32>,
 }
 
 /// `[genres.<name>]`: one genre. See [`GenreProfile`].
@@ -204,6 +208,7 @@ impl From<TierPreset> for TierConfig {
             encoder_units: None,
             codecs: t.codecs,
             bitrate_kbps: t.bitrate_kbps,
+            cpu_millicores: None,
         }
     }
 }
@@ -305,15 +310,23 @@ impl TierConfig {
                 cost
             }
         };
+        if let Some(cpu) = self.cpu_millicores {
+            c.range("cpu_millicores", cpu, 100, 64_000);
+        }
+        let encoder_cost = encoder_cost?;
         Some(TierPreset {
             name: name.clone(),
             resolution,
             fps: self.fps,
             framebuffer: framebuffer?,
             compute_share: compute?,
-            encoder_cost: encoder_cost?,
+            encoder_cost,
             codecs: self.codecs.clone(),
             bitrate_kbps: self.bitrate_kbps,
+            cpu_millicores: self
+                .cpu_millicores
+                .filter(|c| (100..=64_000).contains(c))
+                .unwrap_or_else(|| TierPreset::cpu_for(encoder_cost)),
         })
     }
 }

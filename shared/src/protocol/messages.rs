@@ -89,6 +89,27 @@ pub struct Hello {
     /// Sessions running on the node now.
     #[cfg_attr(test, proptest(strategy = "crate::test_support::small_vec()"))]
     pub sessions: Vec<RunningSession>,
+    /// Idle warm game instances, ready for a session of their game and tier.
+    #[serde(default)]
+    #[cfg_attr(test, proptest(strategy = "crate::test_support::small_vec()"))]
+    pub warm: Vec<WarmInstance>,
+    /// Host CPU available to game instances, in thousandths of a core, where known.
+    #[serde(default)]
+    pub cpu_millicores: Option<u32>,
+}
+
+/// An idle game instance kept warm in a vGPU slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct WarmInstance {
+    /// Its GPU.
+    pub gpu: GpuId,
+    /// Its slot on that GPU.
+    pub slot: u32,
+    /// The game it runs.
+    pub game: GameId,
+    /// The tier it was started for.
+    pub tier: TierName,
 }
 
 /// One GPU as an agent reports it.
