@@ -88,6 +88,9 @@ pub struct VgpuProfile {
     /// How many instances one GPU holds in mixed-size mode; `None` where the profile cannot be
     /// used in mixed-size mode.
     pub max_instances_mixed: Option<u16>,
+    /// For a MIG shape, the compute slices it takes (the `1` of `1g.10gb`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mig_slices: Option<u8>,
 }
 
 /// A GPU model as the placer sees it.
@@ -119,6 +122,9 @@ pub struct GpuSpec {
     /// MIG instance shapes; empty unless `modes` has [`GpuMode::Mig`].
     #[cfg_attr(test, proptest(strategy = "crate::test_support::small_vec()"))]
     pub mig_profiles: Vec<VgpuProfile>,
+    /// Compute slices a MIG-capable GPU divides into (7 on A100 and H100); 0 without MIG.
+    #[serde(default)]
+    pub mig_compute_slices: u8,
 }
 
 impl GpuSpec {
@@ -171,6 +177,8 @@ pub enum CapacityLimit {
     NoProfile,
     /// The vGPU profile's instance count.
     Profile,
+    /// Compute share, where the mode enforces it.
+    Compute,
     /// Encoder throughput.
     Encoder,
     /// The driver's cap on concurrent encoder sessions.
@@ -192,7 +200,7 @@ impl GpuSpec {
     /// Sessions of `tier` one GPU holds when it holds only that tier: in equal-size mode with
     /// the smallest virtual-workstation profile that fits the tier, or one session in exclusive
     /// mode where the GPU has no vGPU profiles; then bounded by encoder throughput and any
-    /// session cap.
+    /// session cap, and by the tier's compute share (every mode this uses enforces it).
     pub fn single_tier_capacity(&self, tier: &TierPreset) -> TierCapacity {
         let none = |limit| TierCapacity {
             sessions: 0,
@@ -219,8 +227,10 @@ impl GpuSpec {
         let cost = tier.encoder_cost.milli().max(1);
         let by_encoder = u16::try_from(self.encoder_capacity.milli() / cost).unwrap_or(u16::MAX);
         let by_cap = self.encoder_session_cap.unwrap_or(u16::MAX);
+        let by_compute = u16::from(16 / tier.compute_share.sixteenths());
         let (sessions, limit) = [
             (by_profile, CapacityLimit::Profile),
+            (by_compute, CapacityLimit::Compute),
             (by_encoder, CapacityLimit::Encoder),
             (by_cap, CapacityLimit::SessionCap),
         ]

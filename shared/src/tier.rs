@@ -100,20 +100,22 @@ impl TierPreset {
 
     /// The built-in 720p, 1080p and 4K presets, all at 60 fps.
     ///
-    /// Framebuffers are the design's presets. Compute shares scale with the pixel rate's
-    /// share of a mid-range GPU (a 4K session wants half of an L4). Bitrates follow common
+    /// Framebuffers are the design's presets. Compute shares (1, 2 and 4 sixteenths) are what
+    /// an average session needs; the placer multiplies them by the genre's load weight, so on
+    /// an L4 the vGPU profile binds first for average genres and compute for heavy ones.
+    /// Bitrates follow common
     /// cloud-gaming guidance for low-latency CBR H.264: 720p60 about 5 Mbit/s, 1080p60 about
     /// 10 Mbit/s; 4K prefers AV1, where a GPU has it, at about 35 Mbit/s.
     pub fn defaults() -> Vec<TierPreset> {
         vec![
-            preset("720p", 1280, 720, 2, 2, vec![Codec::H264], 5_000),
-            preset("1080p", 1920, 1080, 4, 4, vec![Codec::H264], 10_000),
+            preset("720p", 1280, 720, 2, 1, vec![Codec::H264], 5_000),
+            preset("1080p", 1920, 1080, 4, 2, vec![Codec::H264], 10_000),
             preset(
                 "4k",
                 3840,
                 2160,
                 8,
-                8,
+                4,
                 vec![Codec::Av1, Codec::H264],
                 35_000,
             ),

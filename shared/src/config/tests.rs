@@ -284,7 +284,7 @@ fn env_overrides_file_and_flags_override_env() {
         12288
     );
     // Fields the file and env left alone keep their defaults.
-    assert_eq!(cfg.tiers[&TierName::new("4k").unwrap()].compute_share, 8);
+    assert_eq!(cfg.tiers[&TierName::new("4k").unwrap()].compute_share, 4);
 
     let flags = [("http.listen", "127.0.0.1:3000")];
     let cfg: BrokerConfig = load(&sources(Some(&path), &env, &flags)).unwrap();

@@ -161,6 +161,7 @@ pub fn rtx_4090() -> GpuSpec {
         modes: vec![GpuMode::Exclusive],
         vgpu_profiles: Vec::new(),
         mig_profiles: Vec::new(),
+        mig_compute_slices: 0,
     }
 }
 
@@ -248,6 +249,7 @@ fn data_center(
                 class: VgpuClass::VirtualWorkstation,
                 max_instances,
                 max_instances_mixed: mixed_size.then(|| mixed_size_max(max_instances)),
+                mig_slices: None,
             }
         })
         .collect();
@@ -266,6 +268,7 @@ fn data_center(
         modes,
         vgpu_profiles,
         mig_profiles: Vec::new(),
+        mig_compute_slices: 0,
     }
 }
 
@@ -290,8 +293,10 @@ fn mig_only(model: &str, framebuffer_gb: u16, shapes: &[(&str, u32, u16, u16)]) 
                 class: VgpuClass::Compute,
                 max_instances,
                 max_instances_mixed: None,
+                mig_slices: u8::try_from(slices).ok(),
             })
             .collect(),
+        mig_compute_slices: 7,
     }
 }
 
