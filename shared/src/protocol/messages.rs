@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::gpu::{GpuMode, GpuSpec};
-use crate::ids::{GameId, GpuId, NodeId, RegionName, SessionId, TierName};
+use crate::ids::{GameId, GenreName, GpuId, NodeId, RegionName, SessionId, TierName};
 use crate::state::{EndReason, SessionState};
 use crate::time::Timestamp;
 use crate::units::{ComputeShare, EncoderUnits, Megabytes};
@@ -146,6 +146,9 @@ pub struct RunningSession {
     pub game: GameId,
     /// Its tier.
     pub tier: TierName,
+    /// Its genre, so a broker that restarted can weigh it as a neighbour again.
+    #[serde(default)]
+    pub genre: Option<GenreName>,
     /// Its state on the node.
     pub state: SessionState,
     /// When the state began.

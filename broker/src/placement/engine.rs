@@ -1,0 +1,1309 @@
+//! The placement engine: decisions, timers, reconciliation. Sans IO; time is an argument.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::time::Duration;
+
+use rustc_hash::FxHashMap;
+
+use framecast_shared::config::BrokerConfig;
+use framecast_shared::genre::GenreProfile;
+use framecast_shared::gpu::GpuMode;
+use framecast_shared::ids::{GpuId, NodeId, SessionId};
+use framecast_shared::protocol::Hello;
+use framecast_shared::state::{EndReason, NodeState, SessionState};
+use framecast_shared::tier::TierPreset;
+use framecast_shared::time::Timestamp;
+
+use super::catalog::{Catalog, GameIdx, GenreIdx, RegionIdx, TierIdx};
+use super::fleet::{Demand, Fleet, GpuIdx, Node, NodeIdx, Slot, SlotPlan, to_usize};
+use super::queue::{Queues, Waiting};
+use super::request::{
+    AttemptExplanation, Decision, EngineEvent, Explanation, Fallback, PlaceRequest, Placement,
+    Priority, QueuedInfo, RejectReason,
+};
+use super::score::{ScoreContext, Weights};
+use super::strategy::{Ask, Choice, Strategy};
+
+/// The engine's knobs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// A reservation the player has not connected to expires after this.
+    pub reservation_ttl: Duration,
+    /// A queued request is dropped (`expired`) after this, per priority class.
+    pub queue_timeout: [Duration; 3],
+    /// A reconnecting session keeps its slot this long.
+    pub reconnect_grace: Duration,
+    /// Sessions on a node that went down end with `node-lost` after this.
+    pub node_lost_grace: Duration,
+    /// A reservation the agent has not confirmed yet survives reports without it this long.
+    pub intent_grace: Duration,
+    /// A queued request's RTT cap grows by the genre's cap for every this much waiting...
+    pub rtt_relax_every: Duration,
+    /// ...up to this multiple of the cap.
+    pub rtt_max_factor: f64,
+    /// Score weights.
+    pub weights: Weights,
+    /// Candidates taken from each index set per attempt.
+    pub candidates: usize,
+    /// Most requests waiting per tier; past it requests are rejected.
+    pub max_queue_per_tier: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            reservation_ttl: Duration::from_secs(60),
+            queue_timeout: [Duration::from_secs(120); 3],
+            reconnect_grace: Duration::from_secs(30),
+            node_lost_grace: Duration::from_secs(30),
+            intent_grace: Duration::from_secs(10),
+            rtt_relax_every: Duration::from_secs(60),
+            rtt_max_factor: 2.0,
+            weights: Weights::default(),
+            candidates: 8,
+            max_queue_per_tier: 100_000,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The engine settings a broker configuration implies.
+    pub fn from_broker(config: &BrokerConfig) -> Self {
+        let t = &config.timers;
+        Self {
+            reservation_ttl: Duration::from_secs(u64::from(t.reservation_ttl_s)),
+            queue_timeout: [Duration::from_secs(u64::from(t.queue_timeout_s)); 3],
+            reconnect_grace: Duration::from_secs(u64::from(t.reconnect_grace_s)),
+            node_lost_grace: Duration::from_millis(u64::from(config.control.node_lost_grace_ms)),
+            ..Self::default()
+        }
+    }
+}
+
+/// Errors of calls that name something the engine does not have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// No such session, placed or queued.
+    #[error("unknown session {0}")]
+    UnknownSession(SessionId),
+    /// No such node.
+    #[error("unknown node {0}")]
+    UnknownNode(NodeId),
+    /// The node reported a GPU model that cannot be interned.
+    #[error("too many GPU models, regions or games")]
+    CatalogFull,
+    /// A transition the lifecycle does not allow.
+    #[error(transparent)]
+    Transition(#[from] framecast_shared::state::TransitionError),
+}
+
+/// Why a report changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReconcileOutcome {
+    /// The report was applied.
+    Applied {
+        /// Sessions the engine did not know and took from the report.
+        adopted: usize,
+        /// Sessions the engine had on the node that the report does not hold, now ended.
+        ended: usize,
+    },
+    /// The report came from an older generation than one already seen; it was ignored.
+    Stale {
+        /// The newest generation seen.
+        current: u64,
+    },
+}
+
+/// How the engine got to know a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// The engine reserved it; the agent has not reported it yet.
+    Intent { made_at: Timestamp, generation: u64 },
+    /// The agent reported it.
+    Observed,
+}
+
+/// A session that holds a slot.
+#[derive(Debug, Clone)]
+struct Allocation {
+    gpu: GpuIdx,
+    slot: u16,
+    demand: Demand,
+    state: SessionState,
+    origin: Origin,
+    /// When the current state began.
+    since: Timestamp,
+    /// When a reservation lapses.
+    expires_at: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    ReservationExpiry,
+    ReconnectGrace,
+}
+
+/// Fleet-wide figures, for the simulator and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Stats {
+    /// Nodes known.
+    pub nodes: usize,
+    /// GPUs known and present.
+    pub gpus: usize,
+    /// GPUs holding at least one session.
+    pub gpus_in_use: usize,
+    /// Sessions holding slots.
+    pub sessions: usize,
+    /// Requests queued.
+    pub queued: usize,
+    /// Framebuffer of GPUs that can stream, MB.
+    pub fb_total_mb: u64,
+    /// Framebuffer occupied, MB.
+    pub fb_used_mb: u64,
+    /// Encoder capacity, thousandths of a unit.
+    pub encoder_total: u64,
+    /// Encoder in use, thousandths of a unit.
+    pub encoder_used: u64,
+    /// Compute in use, thousandths of a sixteenth, over all GPUs.
+    pub compute_used: u64,
+}
+
+use serde::Serialize;
+
+/// The placement engine.
+#[derive(Debug)]
+pub struct Engine {
+    fleet: Fleet,
+    config: EngineConfig,
+    strategy: Box<dyn Strategy>,
+    sessions: FxHashMap<SessionId, Allocation>,
+    timers: BinaryHeap<Reverse<(Timestamp, Timer, SessionId)>>,
+    queue: Queues,
+    events: VecDeque<EngineEvent>,
+    /// Expected share of requests per tier (exponentially weighted).
+    tier_mix: Vec<f64>,
+    /// Nodes that went down, and when their sessions are lost.
+    lost: Vec<(Timestamp, NodeIdx)>,
+    /// Draining nodes and their deadlines.
+    draining: Vec<(Timestamp, NodeIdx)>,
+}
+
+/// Weight of one request in the tier-mix estimate.
+const MIX_ALPHA: f64 = 0.01;
+
+impl Engine {
+    /// An engine for `tiers` and `genres`, deciding with `strategy`.
+    pub fn new(
+        tiers: Vec<TierPreset>,
+        genres: Vec<GenreProfile>,
+        config: EngineConfig,
+        strategy: Box<dyn Strategy>,
+    ) -> Self {
+        let catalog = Catalog::new(tiers, genres);
+        let n = catalog.tiers().len();
+        Self {
+            fleet: Fleet::new(catalog),
+            config,
+            strategy,
+            sessions: FxHashMap::default(),
+            timers: BinaryHeap::new(),
+            queue: Queues::new(n),
+            events: VecDeque::new(),
+            tier_mix: vec![1.0 / n.max(1) as f64; n],
+            lost: Vec::new(),
+            draining: Vec::new(),
+        }
+    }
+
+    /// The strategy's name.
+    pub fn strategy_name(&self) -> &'static str {
+        self.strategy.name()
+    }
+
+    /// The fleet, read-only (for reports and tests).
+    pub fn fleet(&self) -> &Fleet {
+        &self.fleet
+    }
+
+    /// The next thing the engine did on its own, if any.
+    pub fn poll_event(&mut self) -> Option<EngineEvent> {
+        self.events.pop_front()
+    }
+
+    /// Sessions holding slots.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// A session's state, if it holds a slot; `Queued` if it waits.
+    pub fn session_state(&self, session: &SessionId) -> Option<SessionState> {
+        if self.queue.contains(session) {
+            return Some(SessionState::Queued);
+        }
+        self.sessions.get(session).map(|a| a.state)
+    }
+
+    /// Where a queued request stands.
+    pub fn queue_position(&self, session: &SessionId) -> Option<usize> {
+        self.queue.position(session)
+    }
+
+    /// Requests queued.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    // ---- decisions --------------------------------------------------------------------
+
+    /// Decides where `request` goes: a reserved slot, a place in the queue, or a rejection.
+    pub fn place(&mut self, request: PlaceRequest, now: Timestamp) -> Decision {
+        let (tier, genre) = match self.validate(&request) {
+            Ok(v) => v,
+            Err(reason) => return Decision::Rejected { reason },
+        };
+        self.observe_tier(tier);
+        let game = self.fleet.catalog.intern_game(&request.game);
+        // Freed capacity serves the queue first: a request joins behind equal or higher
+        // classes already waiting for its tier.
+        if self.queue.ahead_of(tier, request.priority) == 0 {
+            let mut strategy =
+                std::mem::replace(&mut self.strategy, Box::new(super::strategy::FirstFit));
+            let result = self.attempt(
+                &request,
+                tier,
+                genre,
+                game,
+                Duration::ZERO,
+                &mut *strategy,
+                None,
+            );
+            self.strategy = strategy;
+            match result {
+                Ok((choice, region, served)) => {
+                    return match self.commit(&request, choice, region, served, now) {
+                        Some(placement) => Decision::Placed(placement),
+                        None => Decision::Rejected {
+                            reason: RejectReason::NoCapacity,
+                        },
+                    };
+                }
+                Err(reason) if !request.queue => return Decision::Rejected { reason },
+                // Queue it: capacity may free up, and the RTT cap relaxes while it waits.
+                Err(_) => {}
+            }
+        } else if !request.queue {
+            return Decision::Rejected {
+                reason: RejectReason::NoCapacity,
+            };
+        }
+        if self.queue.ahead_of(tier, Priority::Low) >= self.config.max_queue_per_tier {
+            return Decision::Rejected {
+                reason: RejectReason::NoCapacity,
+            };
+        }
+        let session_id = request.session_id;
+        let position = self.queue.push(Waiting {
+            request,
+            tier,
+            genre,
+            since: now,
+        });
+        Decision::Queued(QueuedInfo {
+            session_id,
+            position,
+            eta_seconds: self.queue.eta_seconds(tier, position),
+        })
+    }
+
+    /// What [`Engine::place`] would decide now, with every candidate weighed and the terms of
+    /// each score; changes nothing.
+    pub fn explain(&mut self, request: &PlaceRequest) -> Explanation {
+        let strategy_name = self.strategy.name();
+        let (tier, genre) = match self.validate(request) {
+            Ok(v) => v,
+            Err(reason) => {
+                return Explanation {
+                    strategy: strategy_name,
+                    attempts: Vec::new(),
+                    decision: Decision::Rejected { reason },
+                };
+            }
+        };
+        let game = self.fleet.catalog.game_idx(&request.game);
+        let mut strategy = self.strategy.box_clone();
+        let mut attempts = Vec::new();
+        let result = self.attempt(
+            request,
+            tier,
+            genre,
+            game,
+            Duration::ZERO,
+            &mut *strategy,
+            Some(&mut attempts),
+        );
+        let decision = match result {
+            Ok((choice, region, served)) => {
+                let placement = self.placement_of(
+                    request.session_id,
+                    &choice,
+                    region,
+                    served,
+                    Timestamp::EPOCH,
+                );
+                match placement {
+                    Some(p) => Decision::Placed(p),
+                    None => Decision::Rejected {
+                        reason: RejectReason::NoCapacity,
+                    },
+                }
+            }
+            Err(_) if request.queue => {
+                let position = self.queue.ahead_of(tier, request.priority);
+                Decision::Queued(QueuedInfo {
+                    session_id: request.session_id,
+                    position,
+                    eta_seconds: self.queue.eta_seconds(tier, position),
+                })
+            }
+            Err(reason) => Decision::Rejected { reason },
+        };
+        Explanation {
+            strategy: strategy_name,
+            attempts,
+            decision,
+        }
+    }
+
+    fn validate(&self, request: &PlaceRequest) -> Result<(TierIdx, GenreIdx), RejectReason> {
+        if self.sessions.contains_key(&request.session_id)
+            || self.queue.contains(&request.session_id)
+        {
+            return Err(RejectReason::DuplicateSession);
+        }
+        let tier = self
+            .fleet
+            .catalog
+            .tier_idx(&request.tier)
+            .ok_or(RejectReason::UnknownTier)?;
+        let genre = self
+            .fleet
+            .catalog
+            .genre_idx(&request.genre)
+            .ok_or(RejectReason::UnknownGenre)?;
+        if !request
+            .regions
+            .iter()
+            .any(|r| self.fleet.catalog.region_idx(&r.region).is_some())
+        {
+            return Err(RejectReason::NoRegion);
+        }
+        Ok((tier, genre))
+    }
+
+    fn observe_tier(&mut self, tier: TierIdx) {
+        for (i, share) in self.tier_mix.iter_mut().enumerate() {
+            let hit = if i == usize::from(tier) { 1.0 } else { 0.0 };
+            *share += MIX_ALPHA * (hit - *share);
+        }
+    }
+
+    /// Runs the request's attempts in fallback order until the strategy finds a GPU.
+    #[allow(clippy::too_many_arguments)]
+    fn attempt(
+        &self,
+        request: &PlaceRequest,
+        tier: TierIdx,
+        genre_idx: GenreIdx,
+        game: Option<GameIdx>,
+        waited: Duration,
+        strategy: &mut dyn Strategy,
+        mut explain: Option<&mut Vec<AttemptExplanation>>,
+    ) -> Result<(Choice, RegionIdx, TierIdx), RejectReason> {
+        let genre = self
+            .fleet
+            .catalog
+            .genre(genre_idx)
+            .ok_or(RejectReason::UnknownGenre)?;
+        let cap = relaxed_cap(genre.rtt_cap_ms, waited, &self.config);
+        let regions: Vec<(RegionIdx, u32)> = request
+            .regions
+            .iter()
+            .filter_map(|r| Some((self.fleet.catalog.region_idx(&r.region)?, r.rtt_ms)))
+            .take(if request.fallbacks.contains(&Fallback::NextRegion) {
+                usize::MAX
+            } else {
+                1
+            })
+            .collect();
+        let mut tiers = vec![tier];
+        if request.fallbacks.contains(&Fallback::TierUp)
+            && self.fleet.catalog.tier(tier + 1).is_some()
+        {
+            tiers.push(tier + 1);
+        }
+        let tier_first = request
+            .fallbacks
+            .iter()
+            .position(|f| *f == Fallback::TierUp)
+            < request
+                .fallbacks
+                .iter()
+                .position(|f| *f == Fallback::NextRegion)
+                .or(Some(usize::MAX));
+        let mut order = Vec::with_capacity(regions.len() * tiers.len());
+        if tier_first && tiers.len() > 1 && request.fallbacks.first() == Some(&Fallback::TierUp) {
+            for &(r, rtt) in &regions {
+                for &t in &tiers {
+                    order.push((r, rtt, t));
+                }
+            }
+        } else {
+            for &t in &tiers {
+                for &(r, rtt) in &regions {
+                    order.push((r, rtt, t));
+                }
+            }
+        }
+        let mut any_within_rtt = false;
+        for (region, rtt, t) in order {
+            let mut scratch = explain.as_ref().map(|_| Vec::new());
+            let mut skipped = None;
+            let mut found = None;
+            if rtt > cap {
+                skipped = Some("player RTT above the genre's cap");
+            } else {
+                any_within_rtt = true;
+                let ask = Ask {
+                    region,
+                    tier: t,
+                    genre: genre_idx,
+                    game,
+                    score: ScoreContext {
+                        weights: &self.config.weights,
+                        genre,
+                        tier_mix: &self.tier_mix,
+                        rtt_share: f64::from(rtt) / f64::from(cap.max(1)),
+                    },
+                    candidates: self.config.candidates,
+                };
+                found = strategy.choose(&self.fleet, &ask, scratch.as_mut());
+            }
+            let names = self
+                .fleet
+                .catalog
+                .region(region)
+                .zip(self.fleet.catalog.tier(t));
+            if let (Some(out), Some((region_name, preset))) = (explain.as_deref_mut(), names) {
+                out.push(AttemptExplanation {
+                    region: region_name.clone(),
+                    tier: preset.name.clone(),
+                    rtt_ms: rtt,
+                    rtt_cap_ms: cap,
+                    skipped,
+                    candidates: scratch.unwrap_or_default(),
+                });
+            }
+            if let Some(choice) = found {
+                return Ok((choice, region, t));
+            }
+        }
+        Err(if any_within_rtt {
+            RejectReason::NoCapacity
+        } else {
+            RejectReason::RttTooHigh
+        })
+    }
+
+    fn placement_of(
+        &self,
+        session_id: SessionId,
+        choice: &Choice,
+        region: RegionIdx,
+        served: TierIdx,
+        expires_at: Timestamp,
+    ) -> Option<Placement> {
+        let gpu = self.fleet.gpu(choice.gpu)?;
+        let node = self.fleet.node(gpu.node)?;
+        Some(Placement {
+            session_id,
+            region: self.fleet.catalog.region(region)?.clone(),
+            node: node.id.clone(),
+            gpu: gpu.id.clone(),
+            slot: u32::from(choice.plan.slot),
+            tier: self.fleet.catalog.tier(served)?.name.clone(),
+            warm: choice.plan.warm,
+            reprofile: choice.plan.reprofile,
+            expires_at,
+            score: choice.score,
+        })
+    }
+
+    /// Reserves the chosen slot. `None` only if the choice names a GPU the fleet lacks.
+    fn commit(
+        &mut self,
+        request: &PlaceRequest,
+        choice: Choice,
+        region: RegionIdx,
+        served: TierIdx,
+        now: Timestamp,
+    ) -> Option<Placement> {
+        let expires_at = now.saturating_add(self.config.reservation_ttl);
+        let placement =
+            self.placement_of(request.session_id, &choice, region, served, expires_at)?;
+        let generation = self
+            .fleet
+            .gpu(choice.gpu)
+            .and_then(|g| self.fleet.node(g.node))
+            .map_or(0, |n| n.generation);
+        self.fleet
+            .occupy(choice.gpu, choice.plan, request.session_id, &choice.demand);
+        self.sessions.insert(
+            request.session_id,
+            Allocation {
+                gpu: choice.gpu,
+                slot: choice.plan.slot,
+                demand: choice.demand,
+                state: SessionState::Reserved,
+                origin: Origin::Intent {
+                    made_at: now,
+                    generation,
+                },
+                since: now,
+                expires_at: Some(expires_at),
+            },
+        );
+        self.timers.push(Reverse((
+            expires_at,
+            Timer::ReservationExpiry,
+            request.session_id,
+        )));
+        Some(placement)
+    }
+}
+
+impl Engine {
+    // ---- session lifecycle ------------------------------------------------------------
+
+    /// Ends a session (or cancels a queued request) for `reason`; its slot becomes free and
+    /// the queue is served.
+    pub fn release(
+        &mut self,
+        session: &SessionId,
+        reason: EndReason,
+        now: Timestamp,
+    ) -> Result<(), EngineError> {
+        if self.queue.remove(session).is_some() {
+            return Ok(());
+        }
+        if !self.end(session, reason, now, false) {
+            return Err(EngineError::UnknownSession(*session));
+        }
+        self.serve_queue(now);
+        Ok(())
+    }
+
+    /// Applies a session state the agent reported (`session-update`). Stale generations are
+    /// ignored; a move the lifecycle does not allow is an error and changes nothing.
+    pub fn observe_session(
+        &mut self,
+        node: &NodeId,
+        generation: u64,
+        session: &SessionId,
+        state: SessionState,
+        now: Timestamp,
+    ) -> Result<(), EngineError> {
+        let &node_idx = self
+            .fleet
+            .node_idx
+            .get(node)
+            .ok_or_else(|| EngineError::UnknownNode(node.clone()))?;
+        if self
+            .fleet
+            .node(node_idx)
+            .is_some_and(|n| generation < n.generation)
+        {
+            return Ok(());
+        }
+        let alloc = self
+            .sessions
+            .get_mut(session)
+            .ok_or(EngineError::UnknownSession(*session))?;
+        if alloc.state == state {
+            alloc.origin = Origin::Observed;
+            return Ok(());
+        }
+        alloc.state.transition(state)?;
+        if let SessionState::Ended(reason) = state {
+            self.end(session, reason, now, false);
+            self.serve_queue(now);
+            return Ok(());
+        }
+        alloc.state = state;
+        alloc.since = now;
+        alloc.origin = Origin::Observed;
+        alloc.expires_at = None;
+        if state == SessionState::Reconnecting {
+            self.timers.push(Reverse((
+                now.saturating_add(self.config.reconnect_grace),
+                Timer::ReconnectGrace,
+                *session,
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs every timer due at `now`: reservations past their TTL, queued requests past their
+    /// class's timeout, reconnects past their grace, sessions of nodes down past the grace
+    /// period and of drained nodes past the deadline. What ended is reported as events; freed
+    /// capacity serves the queue, whose RTT caps relax as requests wait.
+    pub fn expire(&mut self, now: Timestamp) {
+        while let Some(Reverse((at, timer, session))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(alloc) = self.sessions.get(&session) else {
+                continue;
+            };
+            let due = match timer {
+                Timer::ReservationExpiry => {
+                    alloc.state == SessionState::Reserved && alloc.expires_at == Some(at)
+                }
+                Timer::ReconnectGrace => {
+                    alloc.state == SessionState::Reconnecting
+                        && alloc.since.saturating_add(self.config.reconnect_grace) == at
+                }
+            };
+            if due {
+                let reason = match timer {
+                    Timer::ReservationExpiry => EndReason::Expired,
+                    Timer::ReconnectGrace => EndReason::Error,
+                };
+                self.end(&session, reason, now, true);
+            }
+        }
+        for tier in self.queue.busy_tiers() {
+            for priority in Priority::HIGHEST_FIRST {
+                let timeout = self
+                    .config
+                    .queue_timeout
+                    .get(priority.index())
+                    .copied()
+                    .unwrap_or(Duration::MAX);
+                while let Some(w) = self.queue.front(tier, priority) {
+                    if w.since.saturating_add(timeout) > now {
+                        break;
+                    }
+                    if let Some(w) = self.queue.pop_front(tier, priority) {
+                        self.events.push_back(EngineEvent::Ended {
+                            session_id: w.request.session_id,
+                            node: None,
+                            reason: EndReason::Expired,
+                        });
+                    }
+                }
+            }
+        }
+        let (due, later): (Vec<_>, Vec<_>) =
+            self.lost.iter().copied().partition(|(at, _)| *at <= now);
+        self.lost = later;
+        for (_, node) in due {
+            if self
+                .fleet
+                .node(node)
+                .is_some_and(|n| n.state == NodeState::Down)
+            {
+                self.end_node_sessions(node, EndReason::NodeLost, now);
+            }
+        }
+        let (due, later): (Vec<_>, Vec<_>) = self
+            .draining
+            .iter()
+            .copied()
+            .partition(|(at, _)| *at <= now);
+        self.draining = later;
+        for (at, node) in due {
+            let still = self
+                .fleet
+                .node(node)
+                .is_some_and(|n| n.state == NodeState::Draining { deadline: at });
+            if still {
+                self.end_node_sessions(node, EndReason::Drained, now);
+                self.set_node_state(node, NodeState::Cordoned);
+                if let Some(n) = self.fleet.nodes.get_mut(to_usize(node)) {
+                    n.cordoned = true;
+                }
+            }
+        }
+        self.serve_queue(now);
+    }
+
+    /// Places queued requests, highest class first, FIFO within a class; a tier stops at the
+    /// first head that still does not fit, so no request overtakes one ahead of it.
+    fn serve_queue(&mut self, now: Timestamp) {
+        if self.queue.is_empty() {
+            return;
+        }
+        let mut strategy =
+            std::mem::replace(&mut self.strategy, Box::new(super::strategy::FirstFit));
+        for tier in self.queue.busy_tiers() {
+            'tier: for priority in Priority::HIGHEST_FIRST {
+                while let Some(w) = self.queue.front(tier, priority) {
+                    let waited = now.saturating_since(w.since);
+                    let game = self.fleet.catalog.game_idx(&w.request.game);
+                    match self.attempt(
+                        &w.request,
+                        w.tier,
+                        w.genre,
+                        game,
+                        waited,
+                        &mut *strategy,
+                        None,
+                    ) {
+                        Ok((choice, region, served)) => {
+                            let Some(w) = self.queue.pop_front(tier, priority) else {
+                                break 'tier;
+                            };
+                            if let Some(p) = self.commit(&w.request, choice, region, served, now) {
+                                self.events.push_back(EngineEvent::Placed(p));
+                            }
+                        }
+                        Err(_) => break 'tier,
+                    }
+                }
+            }
+        }
+        self.strategy = strategy;
+    }
+
+    /// Removes a session's allocation and frees its slot. Returns whether it existed.
+    fn end(&mut self, session: &SessionId, reason: EndReason, now: Timestamp, emit: bool) -> bool {
+        let Some(alloc) = self.sessions.remove(session) else {
+            return false;
+        };
+        self.fleet.vacate(alloc.gpu, alloc.slot, &alloc.demand);
+        self.queue.observe_release(alloc.demand.tier, now);
+        if emit {
+            let node = self
+                .fleet
+                .gpu(alloc.gpu)
+                .and_then(|g| self.fleet.node(g.node))
+                .map(|n| n.id.clone());
+            self.events.push_back(EngineEvent::Ended {
+                session_id: *session,
+                node,
+                reason,
+            });
+        }
+        true
+    }
+
+    fn end_node_sessions(&mut self, node: NodeIdx, reason: EndReason, now: Timestamp) {
+        let gpus: Vec<GpuIdx> = self
+            .fleet
+            .node(node)
+            .map(|n| n.gpus.clone())
+            .unwrap_or_default();
+        let doomed: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, a)| gpus.contains(&a.gpu))
+            .map(|(id, _)| *id)
+            .collect();
+        for s in doomed {
+            self.end(&s, reason, now, true);
+        }
+    }
+
+    // ---- nodes ------------------------------------------------------------------------
+
+    /// Stops placing on a node; running sessions go on.
+    pub fn cordon(&mut self, node: &NodeId) -> Result<(), EngineError> {
+        let idx = self.node_index(node)?;
+        if let Some(n) = self.fleet.nodes.get_mut(to_usize(idx)) {
+            n.cordoned = true;
+        }
+        let state = self.fleet.node(idx).map(|n| n.state);
+        match state {
+            Some(NodeState::Ready) => self.try_node_state(idx, NodeState::Cordoned),
+            _ => Ok(()),
+        }
+    }
+
+    /// Lets a cordoned or draining node take sessions again.
+    pub fn uncordon(&mut self, node: &NodeId, now: Timestamp) -> Result<(), EngineError> {
+        let idx = self.node_index(node)?;
+        if let Some(n) = self.fleet.nodes.get_mut(to_usize(idx)) {
+            n.cordoned = false;
+        }
+        let state = self.fleet.node(idx).map(|n| n.state);
+        if matches!(
+            state,
+            Some(NodeState::Cordoned | NodeState::Draining { .. })
+        ) {
+            self.try_node_state(idx, NodeState::Ready)?;
+            self.serve_queue(now);
+        }
+        Ok(())
+    }
+
+    /// Stops placing on a node and ends its sessions with `drained` at `deadline`.
+    pub fn drain(&mut self, node: &NodeId, deadline: Timestamp) -> Result<(), EngineError> {
+        let idx = self.node_index(node)?;
+        self.try_node_state(idx, NodeState::Draining { deadline })?;
+        self.draining.retain(|(_, n)| *n != idx);
+        self.draining.push((deadline, idx));
+        Ok(())
+    }
+
+    /// Marks a node down (its agent stopped answering). Its sessions end with `node-lost`
+    /// unless it reports them again within the grace period.
+    pub fn node_down(&mut self, node: &NodeId, now: Timestamp) -> Result<(), EngineError> {
+        let idx = self.node_index(node)?;
+        if self
+            .fleet
+            .node(idx)
+            .is_some_and(|n| n.state == NodeState::Down)
+        {
+            return Ok(());
+        }
+        self.try_node_state(idx, NodeState::Down)?;
+        self.draining.retain(|(_, n)| *n != idx);
+        self.lost
+            .push((now.saturating_add(self.config.node_lost_grace), idx));
+        Ok(())
+    }
+
+    fn node_index(&self, node: &NodeId) -> Result<NodeIdx, EngineError> {
+        self.fleet
+            .node_idx
+            .get(node)
+            .copied()
+            .ok_or_else(|| EngineError::UnknownNode(node.clone()))
+    }
+
+    fn try_node_state(&mut self, idx: NodeIdx, next: NodeState) -> Result<(), EngineError> {
+        let current = self
+            .fleet
+            .node(idx)
+            .map(|n| n.state)
+            .ok_or(EngineError::CatalogFull)?;
+        current.transition(next)?;
+        self.set_node_state(idx, next);
+        Ok(())
+    }
+
+    fn set_node_state(&mut self, idx: NodeIdx, next: NodeState) {
+        let Some(n) = self.fleet.nodes.get_mut(to_usize(idx)) else {
+            return;
+        };
+        n.state = next;
+        let gpus = n.gpus.clone();
+        for g in gpus {
+            self.fleet.reindex(g);
+        }
+    }
+
+    // ---- observed state ---------------------------------------------------------------
+
+    /// Reconciles the engine's view of a node with the agent's full report (its `hello`):
+    /// registers the node and its GPUs, adopts sessions the engine did not know (after a
+    /// broker restart), ends sessions the agent no longer has (unless the reservation is so
+    /// recent the agent may not have seen it), and takes the warm instances as reported. A
+    /// report from an older generation than one already seen is ignored.
+    pub fn reconcile(
+        &mut self,
+        hello: &Hello,
+        now: Timestamp,
+    ) -> Result<ReconcileOutcome, EngineError> {
+        let region = self
+            .fleet
+            .catalog
+            .intern_region(&hello.region)
+            .ok_or(EngineError::CatalogFull)?;
+        let idx = match self.fleet.node_idx.get(&hello.node_id) {
+            Some(&idx) => idx,
+            None => {
+                let idx = NodeIdx::try_from(self.fleet.nodes.len())
+                    .map_err(|_| EngineError::CatalogFull)?;
+                self.fleet.nodes.push(Node {
+                    id: hello.node_id.clone(),
+                    region,
+                    state: NodeState::Ready,
+                    cordoned: false,
+                    generation: hello.generation,
+                    gpus: Vec::new(),
+                    cpu_total: hello.cpu_millicores,
+                    cpu_used: 0,
+                });
+                self.fleet.node_idx.insert(hello.node_id.clone(), idx);
+                idx
+            }
+        };
+        let current = self.fleet.node(idx).map_or(0, |n| n.generation);
+        if hello.generation < current {
+            return Ok(ReconcileOutcome::Stale { current });
+        }
+        let restarted = hello.generation > current;
+        if let Some(n) = self.fleet.nodes.get_mut(to_usize(idx)) {
+            n.generation = hello.generation;
+            n.cpu_total = hello.cpu_millicores;
+        }
+
+        // GPUs: add new ones, update observed profile and vGPU count, mark missing ones gone.
+        let mut seen = Vec::with_capacity(hello.gpus.len());
+        for inv in &hello.gpus {
+            let spec = self
+                .fleet
+                .catalog
+                .intern_spec(&inv.spec)
+                .ok_or(EngineError::CatalogFull)?;
+            let existing = self.node_gpu(idx, &inv.gpu);
+            let g = match existing {
+                Some(g) => g,
+                None => self
+                    .fleet
+                    .push_gpu(idx, inv.gpu.clone(), spec, inv.mode)
+                    .ok_or(EngineError::CatalogFull)?,
+            };
+            seen.push(g);
+            if let Some(gpu) = self.fleet.gpus.get_mut(to_usize(g)) {
+                gpu.present = true;
+                gpu.vgpus_created = inv.vgpus;
+            }
+        }
+        let node_gpus: Vec<GpuIdx> = self
+            .fleet
+            .node(idx)
+            .map(|n| n.gpus.clone())
+            .unwrap_or_default();
+        for &g in &node_gpus {
+            if !seen.contains(&g) {
+                if let Some(gpu) = self.fleet.gpus.get_mut(to_usize(g)) {
+                    gpu.present = false;
+                }
+            }
+        }
+
+        // Sessions the agent reports.
+        let mut adopted = 0;
+        let mut reported = Vec::with_capacity(hello.sessions.len());
+        for rs in &hello.sessions {
+            let Some(g) = self.node_gpu(idx, &rs.gpu) else {
+                continue;
+            };
+            let Ok(slot) = u16::try_from(rs.slot) else {
+                continue;
+            };
+            reported.push(rs.session_id);
+            if let Some(a) = self.sessions.get_mut(&rs.session_id) {
+                if a.gpu == g && a.slot == slot {
+                    a.origin = Origin::Observed;
+                    if a.state != rs.state && a.state.allows(rs.state) && !rs.state.is_ended() {
+                        a.state = rs.state;
+                        a.since = rs.since;
+                        a.expires_at = None;
+                    }
+                    continue;
+                }
+                // The agent has it elsewhere: the agent is right.
+                self.end(&rs.session_id, EndReason::Error, now, false);
+            }
+            if rs.state.is_ended() {
+                continue;
+            }
+            let tier = self.fleet.catalog.tier_idx(&rs.tier);
+            let genre = rs
+                .genre
+                .as_ref()
+                .and_then(|g| self.fleet.catalog.genre_idx(g))
+                .unwrap_or(0);
+            let Some(tier) = tier else { continue };
+            // A slot the engine had given to another session goes to the one the agent runs.
+            let occupant = self
+                .fleet
+                .gpu(g)
+                .and_then(|gpu| gpu.slots.get(usize::from(slot)).copied());
+            if let Some(Slot::Held { session }) = occupant {
+                self.end(&session, EndReason::Error, now, true);
+            }
+            let Some(gpu) = self.fleet.gpu(g) else {
+                continue;
+            };
+            let Ok(demand) = self.fleet.demand(gpu, tier, genre, false) else {
+                continue;
+            };
+            let warm = matches!(occupant, Some(Slot::Warm { .. }));
+            let reprofile = gpu.mode == GpuMode::EqualSize && gpu.profile != demand.profile;
+            self.fleet.occupy(
+                g,
+                SlotPlan {
+                    slot,
+                    warm,
+                    reprofile,
+                },
+                rs.session_id,
+                &demand,
+            );
+            self.sessions.insert(
+                rs.session_id,
+                Allocation {
+                    gpu: g,
+                    slot,
+                    demand,
+                    state: rs.state,
+                    origin: Origin::Observed,
+                    since: rs.since,
+                    expires_at: None,
+                },
+            );
+            if rs.state == SessionState::Reserved {
+                let at = now.saturating_add(self.config.reservation_ttl);
+                if let Some(a) = self.sessions.get_mut(&rs.session_id) {
+                    a.expires_at = Some(at);
+                }
+                self.timers
+                    .push(Reverse((at, Timer::ReservationExpiry, rs.session_id)));
+            }
+            adopted += 1;
+        }
+
+        // Sessions the engine has on the node that the agent does not report.
+        let grace = self.config.intent_grace;
+        let missing: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(id, a)| node_gpus.contains(&a.gpu) && !reported.contains(id))
+            .filter(|(_, a)| match a.origin {
+                Origin::Observed => true,
+                Origin::Intent {
+                    made_at,
+                    generation,
+                } => {
+                    restarted
+                        || generation < hello.generation
+                        || now.saturating_since(made_at) >= grace
+                }
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let ended = missing.len();
+        for s in missing {
+            self.end(&s, EndReason::Error, now, true);
+        }
+
+        // Warm instances, per GPU, with the observed profile for empty equal-size GPUs.
+        for inv in &hello.gpus {
+            let Some(g) = self.node_gpu(idx, &inv.gpu) else {
+                continue;
+            };
+            let profile = self.fleet.gpu(g).and_then(|gpu| {
+                let spec = self.fleet.catalog.spec(gpu.spec)?;
+                let name = inv.profile.as_deref()?;
+                spec.profiles(gpu.mode)
+                    .iter()
+                    .position(|p| p.id == name)
+                    .and_then(|i| u8::try_from(i).ok())
+            });
+            let warm: Vec<(u16, GameIdx, TierIdx)> = hello
+                .warm
+                .iter()
+                .filter(|w| w.gpu == inv.gpu)
+                .filter_map(|w| {
+                    let slot = u16::try_from(w.slot).ok()?;
+                    let tier = self.fleet.catalog.tier_idx(&w.tier)?;
+                    Some((slot, w.game.clone(), tier))
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .filter_map(|(slot, game, tier)| {
+                    Some((slot, self.fleet.catalog.intern_game(&game)?, tier))
+                })
+                .collect();
+            self.fleet.set_warm(g, profile, &warm);
+        }
+
+        // A node that reports is alive; an operator's cordon stands.
+        let (state, cordoned) = self
+            .fleet
+            .node(idx)
+            .map_or((NodeState::Ready, false), |n| (n.state, n.cordoned));
+        if state == NodeState::Down {
+            let next = if cordoned {
+                NodeState::Cordoned
+            } else {
+                NodeState::Ready
+            };
+            self.try_node_state(idx, next)?;
+            self.lost.retain(|(_, n)| *n != idx);
+        } else {
+            for g in node_gpus {
+                self.fleet.reindex(g);
+            }
+        }
+        self.serve_queue(now);
+        Ok(ReconcileOutcome::Applied { adopted, ended })
+    }
+
+    fn node_gpu(&self, node: NodeIdx, id: &GpuId) -> Option<GpuIdx> {
+        self.fleet
+            .node(node)?
+            .gpus
+            .iter()
+            .copied()
+            .find(|&g| self.fleet.gpu(g).is_some_and(|gpu| &gpu.id == id))
+    }
+
+    // ---- reporting --------------------------------------------------------------------
+
+    /// Fleet-wide usage.
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats {
+            nodes: self.fleet.nodes.len(),
+            sessions: self.sessions.len(),
+            queued: self.queue.len(),
+            ..Stats::default()
+        };
+        for gpu in self.fleet.gpus.iter().filter(|g| g.present) {
+            let Some(spec) = self.fleet.catalog.spec(gpu.spec) else {
+                continue;
+            };
+            s.gpus += 1;
+            if !spec.can_stream() {
+                continue;
+            }
+            if gpu.held > 0 {
+                s.gpus_in_use += 1;
+            }
+            s.fb_total_mb += spec.framebuffer.get();
+            s.fb_used_mb += gpu.used.fb_mb;
+            s.encoder_total += u64::from(spec.encoder_capacity.milli());
+            s.encoder_used += u64::from(gpu.used.encoder);
+            s.compute_used += u64::from(gpu.used.compute);
+        }
+        s
+    }
+
+    /// Checks every accounting invariant from scratch: per GPU, the counters equal what its
+    /// slots and sessions add up to, and no resource exceeds its capacity; every session's slot
+    /// holds it; every indexed GPU belongs where it is. For tests and the simulator.
+    pub fn audit(&self) -> Result<(), String> {
+        let mut per_gpu: FxHashMap<GpuIdx, (u64, u32, u32, u16, u16, u8)> = FxHashMap::default();
+        for (id, a) in &self.sessions {
+            let gpu = self
+                .fleet
+                .gpu(a.gpu)
+                .ok_or_else(|| format!("{id}: no GPU {}", a.gpu))?;
+            match gpu.slots.get(usize::from(a.slot)) {
+                Some(Slot::Held { session }) if session == id => {}
+                other => {
+                    return Err(format!(
+                        "{id}: slot {} of {} holds {other:?}",
+                        a.slot, gpu.id
+                    ));
+                }
+            }
+            let e = per_gpu.entry(a.gpu).or_default();
+            e.1 += a.demand.compute;
+            e.2 += a.demand.encoder;
+            e.3 += 1;
+            e.5 += a.demand.mig_slices;
+        }
+        for (i, gpu) in self.fleet.gpus.iter().enumerate() {
+            let g = GpuIdx::try_from(i).map_err(|e| e.to_string())?;
+            let spec = self.fleet.catalog.spec(gpu.spec).ok_or("unknown spec")?;
+            let held = gpu
+                .slots
+                .iter()
+                .filter(|s| matches!(s, Slot::Held { .. }))
+                .count();
+            let warm = gpu
+                .slots
+                .iter()
+                .filter(|s| matches!(s, Slot::Warm { .. }))
+                .count();
+            let (_, compute, encoder, sessions, _, slices) =
+                per_gpu.get(&g).copied().unwrap_or_default();
+            let name = &gpu.id;
+            if usize::from(gpu.held) != held
+                || usize::from(gpu.warm) != warm
+                || gpu.held != sessions
+            {
+                return Err(format!(
+                    "{name}: held {} warm {} but slots say {held}/{warm}, sessions {sessions}",
+                    gpu.held, gpu.warm
+                ));
+            }
+            if gpu.used.compute != compute
+                || gpu.used.encoder != encoder
+                || gpu.used.encoder_sessions != sessions
+                || gpu.used.mig_slices != slices
+            {
+                return Err(format!(
+                    "{name}: usage {:?} but sessions add up to compute {compute}, encoder {encoder}",
+                    gpu.used
+                ));
+            }
+            if gpu.used.fb_mb > spec.framebuffer.get() {
+                return Err(format!(
+                    "{name}: framebuffer {} > {}",
+                    gpu.used.fb_mb,
+                    spec.framebuffer.get()
+                ));
+            }
+            if gpu.used.encoder > spec.encoder_capacity.milli() {
+                return Err(format!(
+                    "{name}: encoder {} > {}",
+                    gpu.used.encoder,
+                    spec.encoder_capacity.milli()
+                ));
+            }
+            if spec
+                .encoder_session_cap
+                .is_some_and(|c| gpu.used.encoder_sessions > c)
+            {
+                return Err(format!("{name}: encoder sessions over the cap"));
+            }
+            if gpu.mode.enforces_compute_share() && gpu.used.compute > super::fleet::FULL_COMPUTE {
+                return Err(format!("{name}: compute {} > 16/16", gpu.used.compute));
+            }
+            if gpu.mode == GpuMode::EqualSize && gpu.occupied() > gpu.slot_cap {
+                return Err(format!(
+                    "{name}: {} slots occupied of {}",
+                    gpu.occupied(),
+                    gpu.slot_cap
+                ));
+            }
+            if gpu.mode == GpuMode::Mig && gpu.used.mig_slices > spec.mig_compute_slices {
+                return Err(format!("{name}: MIG slices over"));
+            }
+            if gpu.exclusive && gpu.occupied() != 1 {
+                return Err(format!(
+                    "{name}: exclusive with {} occupied",
+                    gpu.occupied()
+                ));
+            }
+            if let Some(n) = self.fleet.node(gpu.node) {
+                if n.cpu_total.is_some_and(|t| n.cpu_used > t) {
+                    return Err(format!("{}: CPU over", n.id));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn relaxed_cap(cap_ms: u32, waited: Duration, config: &EngineConfig) -> u32 {
+    let every = config.rtt_relax_every.as_secs_f64().max(0.001);
+    let factor = (1.0 + waited.as_secs_f64() / every).min(config.rtt_max_factor.max(1.0));
+    let relaxed = (f64::from(cap_ms) * factor).round();
+    if relaxed.is_finite() && relaxed >= 0.0 && relaxed <= f64::from(u32::MAX) {
+        // In range by the check above.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let r = relaxed as u32;
+        r
+    } else {
+        cap_ms
+    }
+}

@@ -1,0 +1,755 @@
+//! The fleet as the engine sees it: nodes, their GPUs, each GPU's slots and what is used.
+//!
+//! All accounting changes go through [`Fleet::occupy`], [`Fleet::vacate`] and
+//! [`Fleet::set_warm`], which keep the counters and the indices in step with the slots.
+
+use rustc_hash::FxHashMap;
+
+use framecast_shared::gpu::GpuMode;
+use framecast_shared::ids::{GpuId, NodeId, SessionId};
+use framecast_shared::state::NodeState;
+
+use super::catalog::{Catalog, GameIdx, GenreIdx, ProfileIdx, RegionIdx, SpecIdx, TierIdx};
+use super::index::{Indices, Membership};
+
+/// Index of a GPU in [`Fleet::gpus`].
+pub type GpuIdx = u32;
+/// Index of a node in [`Fleet::nodes`].
+pub type NodeIdx = u32;
+
+/// Compute is accounted in thousandths of a sixteenth; the whole GPU is this much.
+pub const FULL_COMPUTE: u32 = 16_000;
+/// Where compute is a soft dimension, the most it may be oversubscribed (2×).
+pub const SOFT_COMPUTE_LIMIT: u32 = 2 * FULL_COMPUTE;
+
+/// A GPU host.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// Its id.
+    pub id: NodeId,
+    /// Its region.
+    pub region: RegionIdx,
+    /// Its lifecycle state.
+    pub state: NodeState,
+    /// Set by an operator's cordon; survives the node going down and coming back.
+    pub cordoned: bool,
+    /// The newest agent generation seen.
+    pub generation: u64,
+    /// Its GPUs.
+    pub gpus: Vec<GpuIdx>,
+    /// Host CPU for instances, in millicores, where the agent reported it.
+    pub cpu_total: Option<u32>,
+    /// Host CPU held by sessions.
+    pub cpu_used: u32,
+}
+
+/// What one vGPU slot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// Nothing: a cold slot, the instance must be launched.
+    Free,
+    /// An idle warm instance of a game at a tier.
+    Warm {
+        /// The game.
+        game: GameIdx,
+        /// The tier it was started for.
+        tier: TierIdx,
+    },
+    /// A session (reserved, connecting, active or reconnecting).
+    Held {
+        /// The session.
+        session: SessionId,
+    },
+}
+
+/// Resources in use on one GPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Framebuffer of occupied slots, MB.
+    pub fb_mb: u64,
+    /// Compute of sessions, thousandths of a sixteenth.
+    pub compute: u32,
+    /// Encoder throughput of sessions, thousandths of a unit.
+    pub encoder: u32,
+    /// Encoder sessions.
+    pub encoder_sessions: u16,
+    /// MIG compute slices of occupied instances.
+    pub mig_slices: u8,
+}
+
+/// One physical GPU.
+#[derive(Debug, Clone)]
+pub struct Gpu {
+    /// Its id.
+    pub id: GpuId,
+    /// Its node.
+    pub node: NodeIdx,
+    /// Its node's region.
+    pub region: RegionIdx,
+    /// Its model.
+    pub spec: SpecIdx,
+    /// Its sharing mode.
+    pub mode: GpuMode,
+    /// Equal-size: the profile its vGPUs use. Changes only while no slot is occupied.
+    pub profile: Option<ProfileIdx>,
+    /// vGPUs the agent reports created (pre-allocated), occupied or not.
+    pub vgpus_created: u16,
+    /// Slots; the first `slot_cap` are usable.
+    pub slots: Vec<Slot>,
+    /// Mixed-size and MIG: the profile of each occupied slot.
+    pub slot_profile: Vec<Option<ProfileIdx>>,
+    /// Usable slots under the current profile.
+    pub slot_cap: u16,
+    /// Resources in use.
+    pub used: Usage,
+    /// Slots holding sessions.
+    pub held: u16,
+    /// Slots holding warm instances.
+    pub warm: u16,
+    /// Sum of the sessions' genre load weights, thousandths.
+    pub load: u32,
+    /// Sum of the sessions' neighbour penalties, thousandths.
+    pub sensitivity: u32,
+    /// Held whole by one session (the exclusive baseline).
+    pub exclusive: bool,
+    /// Still reported by its agent.
+    pub present: bool,
+    /// Which index sets it is in now.
+    pub membership: Membership,
+}
+
+impl Gpu {
+    /// Occupied slots: sessions and warm instances.
+    pub fn occupied(&self) -> u16 {
+        self.held + self.warm
+    }
+}
+
+/// What one session takes from the GPU and node it is placed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Demand {
+    /// The tier.
+    pub tier: TierIdx,
+    /// The genre.
+    pub genre: GenreIdx,
+    /// Framebuffer, MB.
+    pub fb_mb: u64,
+    /// Compute, thousandths of a sixteenth.
+    pub compute: u32,
+    /// Encoder, thousandths of a unit.
+    pub encoder: u32,
+    /// Host CPU, millicores.
+    pub cpu: u32,
+    /// Genre load weight, thousandths.
+    pub load: u32,
+    /// Genre neighbour penalty, thousandths.
+    pub sensitivity: u32,
+    /// The vGPU profile (equal-size, mixed-size) or MIG shape.
+    pub profile: Option<ProfileIdx>,
+    /// MIG compute slices.
+    pub mig_slices: u8,
+    /// Takes the whole GPU.
+    pub exclusive: bool,
+}
+
+/// Why a GPU cannot take a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Infeasible {
+    /// The node takes no sessions (cordoned, draining, down) or the GPU is gone.
+    NotAccepting,
+    /// The GPU cannot stream or no profile of its mode fits the tier.
+    NoFit,
+    /// Equal-size GPU holds another profile and is not empty.
+    ProfileMismatch,
+    /// No free slot, or the profile's instance limit is reached.
+    NoSlot,
+    /// Not enough framebuffer.
+    Framebuffer,
+    /// Not enough compute where the mode enforces it (or past the soft limit).
+    Compute,
+    /// Not enough encoder throughput.
+    Encoder,
+    /// The driver's encoder session cap is reached.
+    EncoderSessions,
+    /// Not enough host CPU.
+    Cpu,
+    /// MIG compute slices or instance shapes are used up.
+    MigSlices,
+    /// Held whole by an exclusive session, or the session needs a whole GPU and it is not empty.
+    Exclusive,
+}
+
+impl Infeasible {
+    /// Words for the explain output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotAccepting => "node not accepting sessions",
+            Self::NoFit => "no profile of this GPU fits the tier",
+            Self::ProfileMismatch => "holds another vGPU profile",
+            Self::NoSlot => "no free vGPU slot",
+            Self::Framebuffer => "not enough framebuffer",
+            Self::Compute => "not enough compute share",
+            Self::Encoder => "not enough encoder throughput",
+            Self::EncoderSessions => "encoder session cap reached",
+            Self::Cpu => "not enough host CPU",
+            Self::MigSlices => "no MIG capacity for the shape",
+            Self::Exclusive => "GPU not wholly free",
+        }
+    }
+}
+
+/// Where on a GPU a session would go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotPlan {
+    /// The slot.
+    pub slot: u16,
+    /// The slot holds a warm instance of the session's game and tier.
+    pub warm: bool,
+    /// An equal-size GPU must take a new profile first.
+    pub reprofile: bool,
+}
+
+/// Nodes, GPUs and indices.
+#[derive(Debug)]
+pub struct Fleet {
+    /// Tiers, genres, models.
+    pub catalog: Catalog,
+    /// Nodes.
+    pub nodes: Vec<Node>,
+    /// Node ids to indices.
+    pub node_idx: FxHashMap<NodeId, NodeIdx>,
+    /// GPUs.
+    pub gpus: Vec<Gpu>,
+    /// Placement indices.
+    pub indices: Indices,
+}
+
+impl Fleet {
+    /// An empty fleet.
+    pub fn new(catalog: Catalog) -> Self {
+        Self {
+            catalog,
+            nodes: Vec::new(),
+            node_idx: FxHashMap::default(),
+            gpus: Vec::new(),
+            indices: Indices::default(),
+        }
+    }
+
+    /// A node.
+    pub fn node(&self, idx: NodeIdx) -> Option<&Node> {
+        self.nodes.get(to_usize(idx))
+    }
+
+    /// A GPU.
+    pub fn gpu(&self, idx: GpuIdx) -> Option<&Gpu> {
+        self.gpus.get(to_usize(idx))
+    }
+
+    fn gpu_mut(&mut self, idx: GpuIdx) -> Option<&mut Gpu> {
+        self.gpus.get_mut(to_usize(idx))
+    }
+
+    /// Adds a GPU to a node, unindexed; call [`Fleet::reindex`] after.
+    pub fn push_gpu(
+        &mut self,
+        node: NodeIdx,
+        id: GpuId,
+        spec: SpecIdx,
+        mode: GpuMode,
+    ) -> Option<GpuIdx> {
+        let region = self.node(node)?.region;
+        let s = self.catalog.spec(spec)?;
+        let slot_count = match mode {
+            GpuMode::Exclusive => 1,
+            _ => s.max_vgpus.max(1),
+        };
+        let idx = GpuIdx::try_from(self.gpus.len()).ok()?;
+        self.gpus.push(Gpu {
+            id,
+            node,
+            region,
+            spec,
+            mode,
+            profile: None,
+            vgpus_created: 0,
+            slots: vec![Slot::Free; usize::from(slot_count)],
+            slot_profile: vec![None; usize::from(slot_count)],
+            slot_cap: if mode == GpuMode::EqualSize {
+                0
+            } else {
+                slot_count
+            },
+            used: Usage::default(),
+            held: 0,
+            warm: 0,
+            load: 0,
+            sensitivity: 0,
+            exclusive: false,
+            present: true,
+            membership: Membership::default(),
+        });
+        self.indices.add_spec(region, spec);
+        if let Some(n) = self.nodes.get_mut(to_usize(node)) {
+            n.gpus.push(idx);
+        }
+        Some(idx)
+    }
+
+    /// The demand of a session of `tier` and `genre` on `gpu`, or why the GPU's mode and
+    /// model cannot hold it at all.
+    pub fn demand(
+        &self,
+        gpu: &Gpu,
+        tier: TierIdx,
+        genre: GenreIdx,
+        exclusive: bool,
+    ) -> Result<Demand, Infeasible> {
+        let preset = self.catalog.tier(tier).ok_or(Infeasible::NoFit)?;
+        let spec = self.catalog.spec(gpu.spec).ok_or(Infeasible::NoFit)?;
+        let (load, sensitivity) = self.catalog.genre(genre).map_or((1000, 500), |g| {
+            (milli(g.load_weight), milli(g.neighbour_penalty))
+        });
+        let base_compute = u32::from(preset.compute_share.sixteenths()) * 1000;
+        let fit = self.catalog.fit(gpu.spec, tier);
+        let mut d = Demand {
+            tier,
+            genre,
+            fb_mb: preset.framebuffer.megabytes().get(),
+            compute: scale(base_compute, load),
+            encoder: preset.encoder_cost.milli(),
+            cpu: preset.cpu_millicores,
+            load,
+            sensitivity,
+            profile: None,
+            mig_slices: 0,
+            exclusive,
+        };
+        if !spec.can_stream() {
+            return Err(Infeasible::NoFit);
+        }
+        if exclusive {
+            if preset.framebuffer.megabytes() > spec.framebuffer {
+                return Err(Infeasible::NoFit);
+            }
+            d.fb_mb = spec.framebuffer.get();
+            d.compute = FULL_COMPUTE;
+            return Ok(d);
+        }
+        match gpu.mode {
+            GpuMode::Exclusive => {
+                if !fit.exclusive {
+                    return Err(Infeasible::NoFit);
+                }
+            }
+            GpuMode::EqualSize => {
+                let (p, _) = fit.equal.ok_or(Infeasible::NoFit)?;
+                d.profile = Some(p);
+                d.fb_mb = profile_fb(&self.catalog, gpu.spec, GpuMode::EqualSize, p);
+            }
+            GpuMode::MixedSize => {
+                let (p, _) = fit.mixed.ok_or(Infeasible::NoFit)?;
+                d.profile = Some(p);
+                d.fb_mb = profile_fb(&self.catalog, gpu.spec, GpuMode::MixedSize, p);
+            }
+            GpuMode::Mig => {
+                let p = fit.mig.ok_or(Infeasible::NoFit)?;
+                let shape = self
+                    .catalog
+                    .profile(gpu.spec, GpuMode::Mig, p)
+                    .ok_or(Infeasible::NoFit)?;
+                d.profile = Some(p);
+                d.fb_mb = shape.framebuffer.megabytes().get();
+                // A MIG instance is a hardware partition: its compute is fixed, whatever the genre.
+                d.compute = u32::from(shape.compute_share.sixteenths()) * 1000;
+                d.mig_slices = shape.mig_slices.unwrap_or(1);
+            }
+        }
+        Ok(d)
+    }
+
+    /// Whether `gpu` can take `d` now, and in which slot. `warm` names a slot holding a warm
+    /// instance of the session's game and tier to use.
+    pub fn check(&self, gpu: &Gpu, d: &Demand, warm: Option<u16>) -> Result<SlotPlan, Infeasible> {
+        let node = self.node(gpu.node).ok_or(Infeasible::NotAccepting)?;
+        if !gpu.present || !node.state.accepts_sessions() {
+            return Err(Infeasible::NotAccepting);
+        }
+        if gpu.exclusive {
+            return Err(Infeasible::Exclusive);
+        }
+        let spec = self.catalog.spec(gpu.spec).ok_or(Infeasible::NoFit)?;
+        if d.exclusive && gpu.occupied() > 0 {
+            return Err(Infeasible::Exclusive);
+        }
+        let mut reprofile = false;
+        let cap = if d.exclusive {
+            1
+        } else {
+            match gpu.mode {
+                GpuMode::Exclusive => {
+                    if gpu.held > 0 {
+                        return Err(Infeasible::NoSlot);
+                    }
+                    1
+                }
+                GpuMode::EqualSize => {
+                    let p = d.profile.ok_or(Infeasible::NoFit)?;
+                    if gpu.profile != Some(p) {
+                        if gpu.occupied() > 0 {
+                            return Err(Infeasible::ProfileMismatch);
+                        }
+                        reprofile = true;
+                    }
+                    if gpu.used.compute + d.compute > FULL_COMPUTE {
+                        return Err(Infeasible::Compute);
+                    }
+                    self.catalog
+                        .fit(gpu.spec, d.tier)
+                        .equal
+                        .map_or(0, |(_, slots)| slots)
+                }
+                GpuMode::MixedSize => {
+                    let p = d.profile.ok_or(Infeasible::NoFit)?;
+                    let limit = self
+                        .catalog
+                        .fit(gpu.spec, d.tier)
+                        .mixed
+                        .map_or(0, |(_, n)| n);
+                    if count_profile(gpu, p) >= limit {
+                        return Err(Infeasible::NoSlot);
+                    }
+                    if gpu.used.fb_mb + d.fb_mb > spec.framebuffer.get() {
+                        return Err(Infeasible::Framebuffer);
+                    }
+                    if gpu.used.compute + d.compute > SOFT_COMPUTE_LIMIT {
+                        return Err(Infeasible::Compute);
+                    }
+                    gpu.slot_cap
+                }
+                GpuMode::Mig => {
+                    let p = d.profile.ok_or(Infeasible::NoFit)?;
+                    let shape = self
+                        .catalog
+                        .profile(gpu.spec, GpuMode::Mig, p)
+                        .ok_or(Infeasible::NoFit)?;
+                    if count_profile(gpu, p) >= shape.max_instances
+                        || gpu.used.mig_slices + d.mig_slices > spec.mig_compute_slices
+                    {
+                        return Err(Infeasible::MigSlices);
+                    }
+                    if gpu.used.fb_mb + d.fb_mb > spec.framebuffer.get() {
+                        return Err(Infeasible::Framebuffer);
+                    }
+                    gpu.slot_cap
+                }
+            }
+        };
+        if gpu.used.encoder + d.encoder > spec.encoder_capacity.milli() {
+            return Err(Infeasible::Encoder);
+        }
+        if spec
+            .encoder_session_cap
+            .is_some_and(|c| gpu.used.encoder_sessions >= c)
+        {
+            return Err(Infeasible::EncoderSessions);
+        }
+        if node
+            .cpu_total
+            .is_some_and(|total| node.cpu_used + d.cpu > total)
+        {
+            return Err(Infeasible::Cpu);
+        }
+        if let Some(slot) = warm {
+            let ok = matches!(gpu.slots.get(usize::from(slot)), Some(Slot::Warm { tier, .. }) if *tier == d.tier)
+                && !reprofile
+                && !d.exclusive;
+            return if ok {
+                Ok(SlotPlan {
+                    slot,
+                    warm: true,
+                    reprofile,
+                })
+            } else {
+                Err(Infeasible::NoSlot)
+            };
+        }
+        let usable = usize::from(cap).min(gpu.slots.len());
+        let slot = gpu
+            .slots
+            .iter()
+            .take(usable)
+            .position(|s| *s == Slot::Free)
+            .and_then(|i| u16::try_from(i).ok())
+            .ok_or(Infeasible::NoSlot)?;
+        Ok(SlotPlan {
+            slot,
+            warm: false,
+            reprofile,
+        })
+    }
+
+    /// Puts `session` with demand `d` into `plan.slot` of `gpu`. The caller checked it.
+    pub fn occupy(&mut self, gpu_idx: GpuIdx, plan: SlotPlan, session: SessionId, d: &Demand) {
+        self.unindex(gpu_idx);
+        let cap_for_profile = d
+            .profile
+            .and_then(|_| self.catalog_fit_slots(gpu_idx, d.tier));
+        let Some(gpu) = self.gpus.get_mut(to_usize(gpu_idx)) else {
+            return;
+        };
+        let slot = usize::from(plan.slot);
+        let was_warm = matches!(gpu.slots.get(slot), Some(Slot::Warm { .. }));
+        if gpu.mode == GpuMode::EqualSize
+            && !d.exclusive
+            && (plan.reprofile || gpu.profile.is_none())
+        {
+            gpu.profile = d.profile;
+            gpu.slot_cap = cap_for_profile.unwrap_or(0);
+        }
+        if let Some(s) = gpu.slots.get_mut(slot) {
+            *s = Slot::Held { session };
+        }
+        if let Some(p) = gpu.slot_profile.get_mut(slot) {
+            *p = d.profile;
+        }
+        if was_warm {
+            gpu.warm = gpu.warm.saturating_sub(1);
+        } else {
+            gpu.used.fb_mb += d.fb_mb;
+        }
+        gpu.held += 1;
+        gpu.used.compute += d.compute;
+        gpu.used.encoder += d.encoder;
+        gpu.used.encoder_sessions += 1;
+        gpu.used.mig_slices += d.mig_slices;
+        gpu.load += d.load;
+        gpu.sensitivity += d.sensitivity;
+        gpu.exclusive = d.exclusive;
+        let node = gpu.node;
+        if let Some(n) = self.nodes.get_mut(to_usize(node)) {
+            n.cpu_used += d.cpu;
+        }
+        self.index(gpu_idx);
+    }
+
+    /// Frees the slot `session` held on `gpu`, which had demand `d`. The slot becomes cold.
+    pub fn vacate(&mut self, gpu_idx: GpuIdx, slot: u16, d: &Demand) {
+        self.unindex(gpu_idx);
+        let Some(gpu) = self.gpus.get_mut(to_usize(gpu_idx)) else {
+            return;
+        };
+        if let Some(s) = gpu.slots.get_mut(usize::from(slot)) {
+            *s = Slot::Free;
+        }
+        if let Some(p) = gpu.slot_profile.get_mut(usize::from(slot)) {
+            *p = None;
+        }
+        gpu.held = gpu.held.saturating_sub(1);
+        gpu.used.fb_mb = gpu.used.fb_mb.saturating_sub(d.fb_mb);
+        gpu.used.compute = gpu.used.compute.saturating_sub(d.compute);
+        gpu.used.encoder = gpu.used.encoder.saturating_sub(d.encoder);
+        gpu.used.encoder_sessions = gpu.used.encoder_sessions.saturating_sub(1);
+        gpu.used.mig_slices = gpu.used.mig_slices.saturating_sub(d.mig_slices);
+        gpu.load = gpu.load.saturating_sub(d.load);
+        gpu.sensitivity = gpu.sensitivity.saturating_sub(d.sensitivity);
+        if d.exclusive {
+            gpu.exclusive = false;
+        }
+        let node = gpu.node;
+        if let Some(n) = self.nodes.get_mut(to_usize(node)) {
+            n.cpu_used = n.cpu_used.saturating_sub(d.cpu);
+        }
+        self.index(gpu_idx);
+    }
+
+    /// Sets the warm instances of `gpu` to `warm` (slot, game, tier), replacing earlier ones.
+    /// Slots holding sessions are left alone; so are entries that name them or no usable
+    /// slot. Equal-size GPUs take `profile` first if they are empty.
+    pub fn set_warm(
+        &mut self,
+        gpu_idx: GpuIdx,
+        profile: Option<ProfileIdx>,
+        warm: &[(u16, GameIdx, TierIdx)],
+    ) {
+        self.unindex(gpu_idx);
+        let fb_of = |catalog: &Catalog, gpu: &Gpu, p: Option<ProfileIdx>| {
+            p.map_or(0, |p| profile_fb(catalog, gpu.spec, gpu.mode, p))
+        };
+        let Some(gpu) = self.gpus.get(to_usize(gpu_idx)) else {
+            return;
+        };
+        let mut gpu = gpu.clone();
+        for i in 0..gpu.slots.len() {
+            if let Some(Slot::Warm { .. }) = gpu.slots.get(i) {
+                let fb = fb_of(
+                    &self.catalog,
+                    &gpu,
+                    gpu.slot_profile.get(i).copied().flatten(),
+                );
+                gpu.used.fb_mb = gpu.used.fb_mb.saturating_sub(fb);
+                gpu.warm = gpu.warm.saturating_sub(1);
+                if let Some(s) = gpu.slots.get_mut(i) {
+                    *s = Slot::Free;
+                }
+                if let Some(p) = gpu.slot_profile.get_mut(i) {
+                    *p = None;
+                }
+            }
+        }
+        if gpu.mode == GpuMode::EqualSize && gpu.held == 0 && profile.is_some() {
+            gpu.profile = profile;
+            gpu.slot_cap = profile
+                .and_then(|p| self.catalog.profile(gpu.spec, GpuMode::EqualSize, p))
+                .zip(self.catalog.spec(gpu.spec))
+                .map_or(0, |(p, s)| p.max_instances.min(s.max_vgpus));
+        }
+        for &(slot, game, tier) in warm {
+            let i = usize::from(slot);
+            if slot >= gpu.slot_cap || gpu.slots.get(i) != Some(&Slot::Free) {
+                continue;
+            }
+            let p = match gpu.mode {
+                GpuMode::EqualSize => gpu.profile,
+                GpuMode::MixedSize => self.catalog.fit(gpu.spec, tier).mixed.map(|(p, _)| p),
+                GpuMode::Mig => self.catalog.fit(gpu.spec, tier).mig,
+                GpuMode::Exclusive => None,
+            };
+            if gpu.mode != GpuMode::Exclusive && p.is_none() {
+                continue;
+            }
+            if let Some(s) = gpu.slots.get_mut(i) {
+                *s = Slot::Warm { game, tier };
+            }
+            if let Some(sp) = gpu.slot_profile.get_mut(i) {
+                *sp = p;
+            }
+            gpu.used.fb_mb += fb_of(&self.catalog, &gpu, p);
+            gpu.warm += 1;
+        }
+        if let Some(g) = self.gpu_mut(gpu_idx) {
+            *g = gpu;
+        }
+        self.index(gpu_idx);
+    }
+
+    /// Recomputes where `gpu` belongs in the indices (after a node changed state).
+    pub fn reindex(&mut self, gpu_idx: GpuIdx) {
+        self.unindex(gpu_idx);
+        self.index(gpu_idx);
+    }
+
+    fn catalog_fit_slots(&self, gpu_idx: GpuIdx, tier: TierIdx) -> Option<u16> {
+        let gpu = self.gpu(gpu_idx)?;
+        self.catalog
+            .fit(gpu.spec, tier)
+            .equal
+            .map(|(_, slots)| slots)
+    }
+
+    fn unindex(&mut self, gpu_idx: GpuIdx) {
+        let Some(gpu) = self.gpus.get_mut(to_usize(gpu_idx)) else {
+            return;
+        };
+        let m = std::mem::take(&mut gpu.membership);
+        let (region, spec) = (gpu.region, gpu.spec);
+        let warm: Vec<(u16, GameIdx, TierIdx)> = if gpu.warm > 0 {
+            warm_slots(gpu)
+        } else {
+            Vec::new()
+        };
+        self.indices.remove(gpu_idx, region, spec, m);
+        for (slot, game, tier) in warm {
+            self.indices
+                .set_warm((region, game, tier), (gpu_idx, slot), false);
+        }
+    }
+
+    fn index(&mut self, gpu_idx: GpuIdx) {
+        let Some(gpu) = self.gpu(gpu_idx) else { return };
+        let accepting = gpu.present
+            && !gpu.exclusive
+            && self
+                .node(gpu.node)
+                .is_some_and(|n| n.state.accepts_sessions())
+            && self.catalog.spec(gpu.spec).is_some_and(|s| s.can_stream());
+        if !accepting {
+            return;
+        }
+        let occupied = gpu.occupied();
+        let m = Membership {
+            partial: match (gpu.mode, gpu.profile) {
+                (GpuMode::EqualSize, Some(p)) if occupied < gpu.slot_cap => {
+                    Some((p, gpu.slot_cap - occupied))
+                }
+                _ => None,
+            },
+            empty: occupied == 0,
+            flex: matches!(gpu.mode, GpuMode::MixedSize | GpuMode::Mig) && occupied < gpu.slot_cap,
+        };
+        let (region, spec) = (gpu.region, gpu.spec);
+        let warm = if gpu.warm > 0 {
+            warm_slots(gpu)
+        } else {
+            Vec::new()
+        };
+        self.indices.insert(gpu_idx, region, spec, m);
+        for (slot, game, tier) in warm {
+            self.indices
+                .set_warm((region, game, tier), (gpu_idx, slot), true);
+        }
+        if let Some(g) = self.gpu_mut(gpu_idx) {
+            g.membership = m;
+        }
+    }
+}
+
+fn warm_slots(gpu: &Gpu) -> Vec<(u16, GameIdx, TierIdx)> {
+    gpu.slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| match s {
+            Slot::Warm { game, tier } => Some((u16::try_from(i).ok()?, *game, *tier)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn count_profile(gpu: &Gpu, p: ProfileIdx) -> u16 {
+    let n = gpu
+        .slots
+        .iter()
+        .zip(&gpu.slot_profile)
+        .filter(|(s, sp)| **s != Slot::Free && **sp == Some(p))
+        .count();
+    u16::try_from(n).unwrap_or(u16::MAX)
+}
+
+fn profile_fb(catalog: &Catalog, spec: SpecIdx, mode: GpuMode, p: ProfileIdx) -> u64 {
+    catalog
+        .profile(spec, mode, p)
+        .map_or(0, |p| p.framebuffer.megabytes().get())
+}
+
+/// `x` in thousandths, rounded; weights are validated to small positive ranges.
+fn milli(x: f64) -> u32 {
+    let m = (x * 1000.0).round();
+    if m.is_finite() && m >= 0.0 && m <= f64::from(u32::MAX) {
+        // In range by the check above.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let v = m as u32;
+        v
+    } else {
+        0
+    }
+}
+
+/// `base × weight_milli / 1000`, saturating.
+fn scale(base: u32, weight_milli: u32) -> u32 {
+    u32::try_from(u64::from(base) * u64::from(weight_milli) / 1000).unwrap_or(u32::MAX)
+}
+
+/// A `u32` index as `usize`.
+pub fn to_usize(i: u32) -> usize {
+    usize::try_from(i).unwrap_or(usize::MAX)
+}
