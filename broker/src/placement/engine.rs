@@ -1000,7 +1000,7 @@ impl Engine {
             if let Some(a) = self.sessions.get_mut(&rs.session_id) {
                 if a.gpu == g && a.slot == slot {
                     a.origin = Origin::Observed;
-                    if a.state != rs.state && a.state.allows(rs.state) && !rs.state.is_ended() {
+                    if a.state != rs.state && reachable(a.state, rs.state) && !rs.state.is_ended() {
                         a.state = rs.state;
                         a.since = rs.since;
                         a.expires_at = None;
@@ -1268,7 +1268,7 @@ impl Engine {
             if gpu.mode.enforces_compute_share() && gpu.used.compute > super::fleet::FULL_COMPUTE {
                 return Err(format!("{name}: compute {} > 16/16", gpu.used.compute));
             }
-            if gpu.mode == GpuMode::EqualSize && gpu.occupied() > gpu.slot_cap {
+            if gpu.mode == GpuMode::EqualSize && !gpu.exclusive && gpu.occupied() > gpu.slot_cap {
                 return Err(format!(
                     "{name}: {} slots occupied of {}",
                     gpu.occupied(),
@@ -1292,6 +1292,21 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Whether the lifecycle leads from `from` to `to` in at most three steps: an agent's report
+/// may skip states the broker never heard of (reserved → active after a missed update).
+fn reachable(from: SessionState, to: SessionState) -> bool {
+    const LIVE: [SessionState; 4] = [
+        SessionState::Reserved,
+        SessionState::Connecting,
+        SessionState::Active,
+        SessionState::Reconnecting,
+    ];
+    from.allows(to)
+        || LIVE.iter().any(|&m| {
+            from.allows(m) && (m.allows(to) || LIVE.iter().any(|&n| m.allows(n) && n.allows(to)))
+        })
 }
 
 fn relaxed_cap(cap_ms: u32, waited: Duration, config: &EngineConfig) -> u32 {

@@ -10,6 +10,7 @@
 //! - [`strategy`]: the scorer and the baselines behind one trait;
 //! - [`queue`]: per-tier queues with priority classes;
 //! - [`bound`]: the fewest GPUs any placement could use for a demand;
+//! - [`simulated`]: reports of simulated nodes;
 //! - [`engine`]: decisions, timers and reconciliation of observed state with intents.
 
 pub mod bound;
@@ -20,6 +21,7 @@ pub mod index;
 pub mod queue;
 pub mod request;
 pub mod score;
+pub mod simulated;
 pub mod strategy;
 
 pub use engine::{Engine, EngineConfig, EngineError, ReconcileOutcome, Stats};
