@@ -970,3 +970,54 @@ fn bad_requests_are_rejected_with_a_reason() {
     );
     assert!(e.release(&sid(42), EndReason::Released, T0).is_err());
 }
+
+/// A report of `gpus` L4s (2Q profile where occupied) running `sessions` fps 720p sessions,
+/// given as (GPU index, count).
+fn fps_fleet(gpus: usize, sessions: &[(usize, u32)]) -> Hello {
+    let mut hello =
+        simulated::hello("n1", "eu", &models::l4(), GpuMode::EqualSize, gpus, 1).unwrap();
+    let mut seq = 1000;
+    for &(gpu, count) in sessions {
+        hello.gpus[gpu].profile = Some("L4-2Q".into());
+        hello.gpus[gpu].vgpus = 12;
+        for slot in 0..count {
+            seq += 1;
+            hello.sessions.push(RunningSession {
+                session_id: sid(seq),
+                gpu: GpuId::new(format!("n1-gpu{gpu}")).unwrap(),
+                slot,
+                game: GameId::new("arena").unwrap(),
+                tier: TierName::new("720p").unwrap(),
+                genre: Some(GenreName::new("fps").unwrap()),
+                state: SessionState::Active,
+                since: T0,
+            });
+        }
+    }
+    hello
+}
+
+#[test]
+fn fps_spreads_while_empty_gpus_are_plentiful_and_packs_when_they_run_out() {
+    // Two GPUs, none empty: the nearly empty one is left to drain so it can change profile.
+    let mut e = engine();
+    e.reconcile(&fps_fleet(2, &[(0, 6), (1, 1)]), T0).unwrap();
+    let p = placed(e.place(Req::new(1, "720p", "fps").build(), T0));
+    assert_eq!(p.gpu.as_str(), "n1-gpu0", "{:?}", p.score);
+    assert!(
+        p.score.drain
+            > e.explain(&Req::new(2, "720p", "fps").build()).attempts[0]
+                .candidates
+                .iter()
+                .filter_map(|c| c.score)
+                .map(|s| s.drain)
+                .fold(0.0, f64::min)
+    );
+
+    // The same, with eight empty GPUs beside them: fps spreads away from its neighbours.
+    let mut e = engine();
+    e.reconcile(&fps_fleet(10, &[(0, 6), (1, 1)]), T0).unwrap();
+    let p = placed(e.place(Req::new(1, "720p", "fps").build(), T0));
+    assert_ne!(p.gpu.as_str(), "n1-gpu0", "{:?}", p.score);
+    assert_eq!(p.score.drain, 0.0);
+}

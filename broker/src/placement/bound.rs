@@ -259,10 +259,10 @@ fn exact(spec: &GpuSpec, mode: GpuMode, needs: &[Option<Need>], counts: &[u32]) 
                 prev += d.saturating_sub(take) * stride;
                 stride *= dims.get(i).copied().unwrap_or(1);
             }
-            if prev != s {
-                if let Some(&v) = best.get(prev) {
-                    min = min.min(v.saturating_add(1));
-                }
+            if prev != s
+                && let Some(&v) = best.get(prev)
+            {
+                min = min.min(v.saturating_add(1));
             }
         }
         if let Some(b) = best.get_mut(s) {

@@ -484,6 +484,7 @@ impl Engine {
                         genre,
                         tier_mix: &self.tier_mix,
                         rtt_share: f64::from(rtt) / f64::from(cap.max(1)),
+                        empty_share: self.fleet.indices.empty_share(region),
                     },
                     candidates: self.config.candidates,
                 };
@@ -979,10 +980,10 @@ impl Engine {
             .map(|n| n.gpus.clone())
             .unwrap_or_default();
         for &g in &node_gpus {
-            if !seen.contains(&g) {
-                if let Some(gpu) = self.fleet.gpus.get_mut(to_usize(g)) {
-                    gpu.present = false;
-                }
+            if !seen.contains(&g)
+                && let Some(gpu) = self.fleet.gpus.get_mut(to_usize(g))
+            {
+                gpu.present = false;
             }
         }
 
@@ -1284,10 +1285,10 @@ impl Engine {
                     gpu.occupied()
                 ));
             }
-            if let Some(n) = self.fleet.node(gpu.node) {
-                if n.cpu_total.is_some_and(|t| n.cpu_used > t) {
-                    return Err(format!("{}: CPU over", n.id));
-                }
+            if let Some(n) = self.fleet.node(gpu.node)
+                && n.cpu_total.is_some_and(|t| n.cpu_used > t)
+            {
+                return Err(format!("{}: CPU over", n.id));
             }
         }
         Ok(())

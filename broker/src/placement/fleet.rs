@@ -289,7 +289,7 @@ impl Fleet {
             present: true,
             membership: Membership::default(),
         });
-        self.indices.add_spec(region, spec);
+        self.indices.add_gpu(region, spec);
         if let Some(n) = self.nodes.get_mut(to_usize(node)) {
             n.gpus.push(idx);
         }

@@ -28,10 +28,14 @@ pub struct Membership {
 }
 
 /// GPUs of one (region, model, profile), bucketed by free slots.
+///
+/// Within a bucket GPUs are handed out lowest index first. That stable order matters: new
+/// sessions keep going to the same GPUs, so the others drain and can empty out and change
+/// profile, as under first-fit; an arbitrary order would scatter sessions and strand capacity.
 #[derive(Debug, Default)]
 pub struct Buckets {
     /// `by_free[n]` holds the GPUs with `n` free slots; `by_free[0]` stays empty.
-    by_free: Vec<FxIndexSet<GpuIdx>>,
+    by_free: Vec<BTreeSet<GpuIdx>>,
     /// Bit `n` is set when `by_free[n]` is not empty.
     mask: u64,
     ordered: BTreeSet<GpuIdx>,
@@ -41,7 +45,7 @@ impl Buckets {
     fn insert(&mut self, gpu: GpuIdx, free: u16) {
         let n = usize::from(free);
         if self.by_free.len() <= n {
-            self.by_free.resize_with(n + 1, FxIndexSet::default);
+            self.by_free.resize_with(n + 1, BTreeSet::default);
         }
         if let Some(set) = self.by_free.get_mut(n) {
             set.insert(gpu);
@@ -55,7 +59,7 @@ impl Buckets {
     fn remove(&mut self, gpu: GpuIdx, free: u16) {
         let n = usize::from(free);
         if let Some(set) = self.by_free.get_mut(n) {
-            set.swap_remove(&gpu);
+            set.remove(&gpu);
             if set.is_empty() && n < 64 {
                 self.mask &= !(1 << n);
             }
@@ -90,15 +94,14 @@ impl Buckets {
         self.ordered.len()
     }
 
-    /// The `i`-th GPU across buckets (for uniform sampling).
-    pub fn nth(&self, mut i: usize) -> Option<GpuIdx> {
-        for set in &self.by_free {
-            if i < set.len() {
-                return set.get_index(i).copied();
-            }
-            i -= set.len();
-        }
-        None
+    /// Whether no GPU is in this set.
+    pub fn is_empty(&self) -> bool {
+        self.ordered.is_empty()
+    }
+
+    /// The `i`-th GPU in index order (for uniform sampling). O(i): the random baseline only.
+    pub fn nth(&self, i: usize) -> Option<GpuIdx> {
+        self.ordered.iter().nth(i).copied()
     }
 
     /// GPUs numbered `from` or more, lowest first.
@@ -135,6 +138,11 @@ impl Set {
         self.items.len()
     }
 
+    /// Whether the set has no members.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
     /// The `i`-th member in insertion order.
     pub fn nth(&self, i: usize) -> Option<GpuIdx> {
         self.items.get_index(i).copied()
@@ -155,11 +163,29 @@ pub struct Indices {
     warm: FxHashMap<(RegionIdx, GameIdx, TierIdx), FxIndexSet<(GpuIdx, u16)>>,
     /// GPU models present in each region, in order of first sight.
     specs: FxHashMap<RegionIdx, Vec<SpecIdx>>,
+    /// GPUs per region.
+    gpus: FxHashMap<RegionIdx, usize>,
 }
 
 impl Indices {
-    /// Notes that `spec` occurs in `region`.
-    pub fn add_spec(&mut self, region: RegionIdx, spec: SpecIdx) {
+    /// Share of `region`'s GPUs that are empty (and accepting sessions).
+    pub fn empty_share(&self, region: RegionIdx) -> f64 {
+        let total = self.gpus.get(&region).copied().unwrap_or(0);
+        if total == 0 {
+            return 0.0;
+        }
+        let empty: usize = self
+            .specs(region)
+            .iter()
+            .filter_map(|&s| self.empty(region, s))
+            .map(Set::len)
+            .sum();
+        empty as f64 / total as f64
+    }
+
+    /// Notes a new GPU of `spec` in `region`.
+    pub fn add_gpu(&mut self, region: RegionIdx, spec: SpecIdx) {
+        *self.gpus.entry(region).or_default() += 1;
         let specs = self.specs.entry(region).or_default();
         if !specs.contains(&spec) {
             specs.push(spec);
@@ -189,20 +215,20 @@ impl Indices {
 
     /// Takes `gpu` out of the sets `m` names.
     pub fn remove(&mut self, gpu: GpuIdx, region: RegionIdx, spec: SpecIdx, m: Membership) {
-        if let Some((profile, free)) = m.partial {
-            if let Some(b) = self.partial.get_mut(&(region, spec, profile)) {
-                b.remove(gpu, free);
-            }
+        if let Some((profile, free)) = m.partial
+            && let Some(b) = self.partial.get_mut(&(region, spec, profile))
+        {
+            b.remove(gpu, free);
         }
-        if m.empty {
-            if let Some(s) = self.empty.get_mut(&(region, spec)) {
-                s.remove(gpu);
-            }
+        if m.empty
+            && let Some(s) = self.empty.get_mut(&(region, spec))
+        {
+            s.remove(gpu);
         }
-        if m.flex {
-            if let Some(s) = self.flex.get_mut(&(region, spec)) {
-                s.remove(gpu);
-            }
+        if m.flex
+            && let Some(s) = self.flex.get_mut(&(region, spec))
+        {
+            s.remove(gpu);
         }
     }
 
@@ -274,6 +300,6 @@ mod tests {
         assert_eq!(b.iter_from(0).collect::<Vec<_>>(), [1, 3]);
         assert_eq!(b.iter_from(2).next(), Some(3));
         assert_eq!(b.len(), 2);
-        assert_eq!((b.nth(0), b.nth(1), b.nth(2)), (Some(3), Some(1), None));
+        assert_eq!((b.nth(0), b.nth(1), b.nth(2)), (Some(1), Some(3), None));
     }
 }

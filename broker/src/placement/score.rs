@@ -6,7 +6,9 @@
 //!   (framebuffer, compute, encoder, CPU, each as a share of the GPU's or node's capacity) and
 //!   what the GPU has left; a GPU whose spare capacity has the shape of the demand scores high.
 //! - **fill** — the GPU's occupancy after placement; rewarded for `pack` genres, penalised
-//!   for `spread` ones.
+//!   for `spread` ones while the region has empty GPUs to spare (the penalty turns into a
+//!   reward as they run out, so a full region keeps GPUs that can empty out and change
+//!   profile).
 //! - **fragmentation** — the growth of capacity that the expected tier mix cannot use (as in
 //!   fragmentation-gradient scheduling): profiling an empty equal-size GPU strands its other
 //!   slots for every tier that does not use the profile; filling a partial GPU shrinks the
@@ -17,6 +19,9 @@
 //! - **reprofile** — an empty equal-size GPU holding vGPUs of another profile must destroy
 //!   and recreate them.
 //! - **overcommit** — compute past the GPU's whole on modes where compute is soft.
+//! - **drain** — while empty GPUs are scarce, refilling a GPU with few sessions left costs
+//!   the chance of it running empty and taking any profile; convex in its free share, so the
+//!   nearly empty ones are spared most.
 //! - **rtt** — the player's round trip to the region as a share of the genre's cap.
 
 use serde::Serialize;
@@ -44,10 +49,16 @@ pub struct Weights {
     pub reprofile: f64,
     /// Soft compute oversubscription.
     pub overcommit: f64,
+    /// Keeping nearly empty GPUs draining while empty GPUs are scarce.
+    pub drain: f64,
     /// Player RTT.
     pub rtt: f64,
-    /// Factor on the fragmentation weight for `spread` genres.
+    /// Factor on the fragmentation weight for `spread` genres while the region has plenty of
+    /// empty GPUs; it rises to 1 as they run out.
     pub spread_fragmentation_factor: f64,
+    /// Share of a region's GPUs that may stay empty before `spread` genres stop spreading:
+    /// above it they spread fully, below it they lean to packing in proportion.
+    pub spread_reserve: f64,
 }
 
 impl Default for Weights {
@@ -60,8 +71,10 @@ impl Default for Weights {
             warm: 3.0,
             reprofile: 0.5,
             overcommit: 2.0,
+            drain: 8.0,
             rtt: 0.5,
             spread_fragmentation_factor: 0.25,
+            spread_reserve: 0.2,
         }
     }
 }
@@ -83,6 +96,8 @@ pub struct ScoreBreakdown {
     pub reprofile: f64,
     /// Weighted oversubscription (≤ 0).
     pub overcommit: f64,
+    /// Weighted cost of refilling a GPU that is draining (≤ 0).
+    pub drain: f64,
     /// Weighted RTT (≤ 0).
     pub rtt: f64,
     /// The sum.
@@ -100,6 +115,10 @@ pub struct ScoreContext<'a> {
     pub tier_mix: &'a [f64],
     /// The player's RTT to the region as a share of the (relaxed) cap.
     pub rtt_share: f64,
+    /// Share of the region's GPUs that are empty. Spreading costs whole GPUs, so `spread`
+    /// genres spread only as far as empty GPUs are plentiful: as they run out, the fill term
+    /// turns from spreading to packing and fragmentation weighs in full.
+    pub empty_share: f64,
 }
 
 /// Scores placing `d` on `gpu` (of `node`) as `plan` says.
@@ -142,21 +161,30 @@ pub fn score(
     }
     let alignment = cosine(&dv, &rv);
 
-    // Fill after placement.
-    let occupied_after = f64::from(gpu.occupied() + u16::from(!plan.warm));
-    let fill_after = match gpu.mode {
+    // Fill before and after placement.
+    let (fill_before, fill_after) = match gpu.mode {
         GpuMode::EqualSize if !d.exclusive => {
-            let cap = catalog
-                .fit(gpu.spec, d.tier)
-                .equal
-                .map_or(1, |(_, n)| n.max(1));
-            occupied_after / f64::from(cap)
+            let cap = f64::from(
+                catalog
+                    .fit(gpu.spec, d.tier)
+                    .equal
+                    .map_or(1, |(_, n)| n.max(1)),
+            );
+            let before = f64::from(gpu.occupied());
+            (
+                before / cap,
+                (before + if plan.warm { 0.0 } else { 1.0 }) / cap,
+            )
         }
-        _ => (gpu.used.fb_mb as f64 + demand_fb) / fb_total,
+        _ => (
+            gpu.used.fb_mb as f64 / fb_total,
+            (gpu.used.fb_mb as f64 + demand_fb) / fb_total,
+        ),
     };
+    let plenty = (ctx.empty_share / w.spread_reserve.max(f64::EPSILON)).clamp(0.0, 1.0);
     let fill_sign = match ctx.genre.strategy {
         PlacementStrategy::Pack => 1.0,
-        PlacementStrategy::Spread => -1.0,
+        PlacementStrategy::Spread => 1.0 - 2.0 * plenty,
     };
 
     // Fragmentation growth, equal-size only: free slots are stranded for the tiers that do not
@@ -168,7 +196,9 @@ pub fn score(
     };
     let frag_weight = match ctx.genre.strategy {
         PlacementStrategy::Pack => w.fragmentation,
-        PlacementStrategy::Spread => w.fragmentation * w.spread_fragmentation_factor,
+        PlacementStrategy::Spread => {
+            w.fragmentation * (w.spread_fragmentation_factor * plenty + (1.0 - plenty))
+        }
     };
 
     // Neighbours, per slot of capacity.
@@ -186,6 +216,10 @@ pub fn score(
     };
     let reprofile = plan.reprofile && gpu.vgpus_created > 0;
 
+    // Draining: when empty GPUs are scarce, a GPU with few sessions left is worth letting run
+    // empty (it can then take any profile); convex, so the nearly empty ones are spared most.
+    let drain = (1.0 - plenty) * (1.0 - fill_before).clamp(0.0, 1.0).powi(2);
+
     let mut s = ScoreBreakdown {
         alignment: w.alignment * alignment,
         fill: w.fill * fill_sign * fill_after,
@@ -194,6 +228,7 @@ pub fn score(
         warm: if plan.warm { w.warm } else { 0.0 },
         reprofile: if reprofile { -w.reprofile } else { 0.0 },
         overcommit: -w.overcommit * over,
+        drain: -w.drain * drain,
         rtt: -w.rtt * ctx.rtt_share,
         total: 0.0,
     };
@@ -204,6 +239,7 @@ pub fn score(
         + s.warm
         + s.reprofile
         + s.overcommit
+        + s.drain
         + s.rtt;
     s
 }

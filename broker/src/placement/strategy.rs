@@ -7,8 +7,6 @@
 
 use std::fmt;
 
-use framecast_shared::genre::PlacementStrategy;
-
 use super::catalog::{GameIdx, GenreIdx, RegionIdx, TierIdx};
 use super::fleet::{Demand, Fleet, GpuIdx, Infeasible, SlotPlan};
 use super::request::CandidateExplanation;
@@ -118,9 +116,8 @@ fn record(
 }
 
 /// The genre-weighted scorer: gathers a few candidates from each index set — warm instances
-/// of the game, equal-size GPUs of the tier's profile (fullest first for `pack` genres,
-/// emptiest first for `spread`), empty GPUs, mixed-size and MIG GPUs — and takes the best
-/// score (see [`super::score`]).
+/// of the game, the fullest and the emptiest equal-size GPUs of the tier's profile, empty
+/// GPUs, mixed-size and MIG GPUs — and takes the best score (see [`super::score`]).
 #[derive(Debug, Clone, Default)]
 pub struct GenreWeighted {
     cands: Vec<(GpuIdx, Option<u16>)>,
@@ -149,14 +146,16 @@ impl Strategy for GenreWeighted {
                     .map(|(g, s)| (g, Some(s))),
             );
         }
-        let fullest_first = ask.score.genre.strategy == PlacementStrategy::Pack;
         for &spec in fleet.indices.specs(ask.region) {
             self.gpus.clear();
             let fit = fleet.catalog.fit(spec, ask.tier);
-            if let Some((profile, _)) = fit.equal {
-                if let Some(b) = fleet.indices.partial(ask.region, spec, profile) {
-                    b.take(k, fullest_first, &mut self.gpus);
-                }
+            // Both ends of the partial GPUs: the fullest (to pack, and let the emptiest drain
+            // until they can change profile) and the emptiest (to spread); the score decides.
+            if let Some((profile, _)) = fit.equal
+                && let Some(b) = fleet.indices.partial(ask.region, spec, profile)
+            {
+                b.take(k, true, &mut self.gpus);
+                b.take(k, false, &mut self.gpus);
             }
             if let Some(set) = fleet.indices.empty(ask.region, spec) {
                 set.take(k, &mut self.gpus);
@@ -190,15 +189,15 @@ impl Strategy for GenreWeighted {
                     .map(|(_, plan, s)| (*plan, Some(*s)))
                     .map_err(|e| *e),
             );
-            if let Ok((demand, plan, s)) = outcome {
-                if best.as_ref().is_none_or(|b| s.total > b.score.total) {
-                    best = Some(Choice {
-                        gpu: gpu_idx,
-                        demand,
-                        plan,
-                        score: s,
-                    });
-                }
+            if let Ok((demand, plan, s)) = outcome
+                && best.as_ref().is_none_or(|b| s.total > b.score.total)
+            {
+                best = Some(Choice {
+                    gpu: gpu_idx,
+                    demand,
+                    plan,
+                    score: s,
+                });
             }
         }
         best
