@@ -7,7 +7,8 @@
 //! default genres. Then, in steady state, each step releases a random session and places a
 //! new one; only the `place` call is timed. First a percentile pass per configuration (20 000
 //! decisions each, HdrHistogram) prints p50/p99/p99.9/max and decisions per second as a
-//! table; then criterion measures the mean. `FRAMECAST_BENCH_NODES=100,1000` limits the sizes,
+//! table, a turnover pass shows how rejections fall as sessions turn over after a ramp to 95%,
+//! and then criterion measures the mean. `FRAMECAST_BENCH_NODES=100,1000` limits the sizes,
 //! `FRAMECAST_BENCH_STRATEGIES=genre-weighted` the strategies.
 
 // A benchmark is a test of sorts: a failed unwrap is a failed run.
@@ -223,6 +224,42 @@ fn percentiles() {
     println!();
 }
 
+/// Rejections after a ramp from idle to 95%, per window of 20 000 decisions, as sessions turn
+/// over: how fast a strategy recovers from the fragmentation the ramp left.
+fn turnover() {
+    const WINDOW: usize = 20_000;
+    const WINDOWS: usize = 10;
+    let nodes = 1_000;
+    println!(
+        "Rejected requests per {WINDOW} decisions after a ramp to 95% ({nodes} × {GPUS_PER_NODE} L4):"
+    );
+    println!();
+    println!(
+        "| strategy | {} |",
+        (1..=WINDOWS)
+            .map(|w| format!("w{w}"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("| --- |{}", " --- |".repeat(WINDOWS));
+    for name in ["genre-weighted", "first-fit"] {
+        let mut b = Bench::new(nodes, 0.95, name);
+        let mut cells = Vec::new();
+        for _ in 0..WINDOWS {
+            let mut rejected = 0;
+            for _ in 0..WINDOW {
+                let req = b.prepare();
+                let n = b.live.len();
+                b.decide(req);
+                rejected += usize::from(b.live.len() == n);
+            }
+            cells.push(format!("{:.1}%", rejected as f64 * 100.0 / WINDOW as f64));
+        }
+        println!("| {name} | {} |", cells.join(" | "));
+    }
+    println!();
+}
+
 fn criterion_benches(c: &mut Criterion) {
     for name in strategies() {
         let mut group = c.benchmark_group(format!("place/{name}"));
@@ -252,6 +289,7 @@ fn criterion_benches(c: &mut Criterion) {
 
 fn main() {
     percentiles();
+    turnover();
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))

@@ -39,6 +39,8 @@ pub struct Buckets {
     /// Bit `n` is set when `by_free[n]` is not empty.
     mask: u64,
     ordered: BTreeSet<GpuIdx>,
+    /// The same members, for O(1) uniform sampling.
+    items: FxIndexSet<GpuIdx>,
 }
 
 impl Buckets {
@@ -54,6 +56,7 @@ impl Buckets {
             }
         }
         self.ordered.insert(gpu);
+        self.items.insert(gpu);
     }
 
     fn remove(&mut self, gpu: GpuIdx, free: u16) {
@@ -65,6 +68,7 @@ impl Buckets {
             }
         }
         self.ordered.remove(&gpu);
+        self.items.swap_remove(&gpu);
     }
 
     /// Up to `k` GPUs, fullest first (fewest free slots) when `fullest_first`, else emptiest
@@ -99,9 +103,9 @@ impl Buckets {
         self.ordered.is_empty()
     }
 
-    /// The `i`-th GPU in index order (for uniform sampling). O(i): the random baseline only.
+    /// The `i`-th GPU in insertion order (for uniform sampling).
     pub fn nth(&self, i: usize) -> Option<GpuIdx> {
-        self.ordered.iter().nth(i).copied()
+        self.items.get_index(i).copied()
     }
 
     /// GPUs numbered `from` or more, lowest first.
@@ -301,5 +305,8 @@ mod tests {
         assert_eq!(b.iter_from(2).next(), Some(3));
         assert_eq!(b.len(), 2);
         assert_eq!((b.nth(0), b.nth(1), b.nth(2)), (Some(1), Some(3), None));
+        let mut sampled: Vec<_> = (0..b.len()).filter_map(|i| b.nth(i)).collect();
+        sampled.sort_unstable();
+        assert_eq!(sampled, [1, 3]);
     }
 }
