@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use framecast_shared::config::{BrokerConfig, ConfigArgs};
+use framecast_shared::config::BrokerConfig;
+use framecast_shared::config::cli::CheckConfigArgs;
 
 /// Framecast session broker: places cloud-gaming sessions on shared GPUs.
 #[derive(Debug, Parser)]
@@ -17,19 +18,11 @@ struct Cli {
 enum Command {
     /// Load and validate broker.toml (defaults, then the file, then FRAMECAST_* variables,
     /// then --set flags) and report every broken rule with its field.
-    CheckConfig {
-        #[command(flatten)]
-        config: ConfigArgs,
-        /// Print the effective configuration as TOML.
-        #[arg(long)]
-        print: bool,
-    },
+    CheckConfig(CheckConfigArgs),
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::CheckConfig { config, print } => {
-            framecast_shared::config::cli::report(config.check::<BrokerConfig>(print))
-        }
+        Command::CheckConfig(args) => args.run::<BrokerConfig>(),
     }
 }

@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use framecast_shared::config::{AgentConfig, ConfigArgs};
+use framecast_shared::config::AgentConfig;
+use framecast_shared::config::cli::CheckConfigArgs;
 
 /// Framecast node agent: GPU inventory, vGPU pool, encoder slots, game instances, streaming.
 #[derive(Debug, Parser)]
@@ -17,19 +18,11 @@ struct Cli {
 enum Command {
     /// Load and validate agent.toml (defaults, then the file, then FRAMECAST_* variables,
     /// then --set flags) and report every broken rule with its field.
-    CheckConfig {
-        #[command(flatten)]
-        config: ConfigArgs,
-        /// Print the effective configuration as TOML.
-        #[arg(long)]
-        print: bool,
-    },
+    CheckConfig(CheckConfigArgs),
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::CheckConfig { config, print } => {
-            framecast_shared::config::cli::report(config.check::<AgentConfig>(print))
-        }
+        Command::CheckConfig(args) => args.run::<AgentConfig>(),
     }
 }

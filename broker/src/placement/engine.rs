@@ -318,7 +318,7 @@ impl Engine {
 
     /// What [`Engine::place`] would decide now, with every candidate weighed and the terms of
     /// each score; changes nothing.
-    pub fn explain(&mut self, request: &PlaceRequest) -> Explanation {
+    pub fn explain(&self, request: &PlaceRequest) -> Explanation {
         let strategy_name = self.strategy.name();
         let (tier, genre) = match self.validate(request) {
             Ok(v) => v,

@@ -42,8 +42,20 @@ pub struct Choice {
     pub score: ScoreBreakdown,
 }
 
+/// Copies a boxed strategy; implemented for every `Clone` strategy.
+pub trait StrategyClone {
+    /// A copy, for dry runs that must not move the strategy's own state.
+    fn box_clone(&self) -> Box<dyn Strategy>;
+}
+
+impl<T: Strategy + Clone + 'static> StrategyClone for T {
+    fn box_clone(&self) -> Box<dyn Strategy> {
+        Box::new(self.clone())
+    }
+}
+
 /// Chooses a GPU for one attempt.
-pub trait Strategy: fmt::Debug + Send {
+pub trait Strategy: StrategyClone + fmt::Debug + Send {
     /// The strategy's name in reports.
     fn name(&self) -> &'static str;
 
@@ -55,9 +67,6 @@ pub trait Strategy: fmt::Debug + Send {
         ask: &Ask<'_>,
         explain: Option<&mut Vec<CandidateExplanation>>,
     ) -> Option<Choice>;
-
-    /// A copy, for dry runs that must not move the strategy's own state.
-    fn box_clone(&self) -> Box<dyn Strategy>;
 
     /// Whether every session takes a whole GPU.
     fn exclusive(&self) -> bool {
@@ -202,10 +211,6 @@ impl Strategy for GenreWeighted {
         }
         best
     }
-
-    fn box_clone(&self) -> Box<dyn Strategy> {
-        Box::new(self.clone())
-    }
 }
 
 /// Scans the ordered index sets of `ask`'s region from `from` (wrapping once) and returns the
@@ -294,10 +299,6 @@ impl Strategy for FirstFit {
     ) -> Option<Choice> {
         first_feasible(fleet, ask, 0, false, BASELINE_SCAN_LIMIT, &mut explain)
     }
-
-    fn box_clone(&self) -> Box<dyn Strategy> {
-        Box::new(self.clone())
-    }
 }
 
 /// Round-robin: the next GPU that fits after the last one chosen.
@@ -327,10 +328,6 @@ impl Strategy for RoundRobin {
         )?;
         self.cursor = choice.gpu.saturating_add(1);
         Some(choice)
-    }
-
-    fn box_clone(&self) -> Box<dyn Strategy> {
-        Box::new(self.clone())
     }
 }
 
@@ -417,10 +414,6 @@ impl Strategy for Random {
         let from = self.rng.u32(..n);
         first_feasible(fleet, ask, from, false, BASELINE_SCAN_LIMIT, &mut explain)
     }
-
-    fn box_clone(&self) -> Box<dyn Strategy> {
-        Box::new(self.clone())
-    }
 }
 
 /// Exclusive: one whole GPU per session, no sharing — the one-GPU-per-player baseline.
@@ -439,10 +432,6 @@ impl Strategy for Exclusive {
         mut explain: Option<&mut Vec<CandidateExplanation>>,
     ) -> Option<Choice> {
         first_feasible(fleet, ask, 0, true, BASELINE_SCAN_LIMIT, &mut explain)
-    }
-
-    fn box_clone(&self) -> Box<dyn Strategy> {
-        Box::new(self.clone())
     }
 
     fn exclusive(&self) -> bool {

@@ -63,6 +63,27 @@ impl ConfigArgs {
     }
 }
 
+/// The `check-config` subcommand both binaries offer.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct CheckConfigArgs {
+    /// Where the configuration comes from.
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Print the effective configuration as TOML.
+    #[arg(long)]
+    pub print: bool,
+}
+
+impl CheckConfigArgs {
+    /// Loads and validates `T`, prints the outcome and returns the exit code (see [`report`]).
+    pub fn run<T>(&self) -> std::process::ExitCode
+    where
+        T: Default + Serialize + DeserializeOwned + Validate,
+    {
+        report(self.config.check::<T>(self.print))
+    }
+}
+
 /// Prints the outcome of [`ConfigArgs::check`] the way the binaries' `check-config` does:
 /// the report on stdout and exit code 0, or one `error:` line per problem on stderr and exit
 /// code 2.
