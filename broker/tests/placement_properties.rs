@@ -74,7 +74,7 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        8 => (0..3usize, 0..3usize, 0..3usize, 0..3usize, any::<bool>(), 0..4usize, 0..3usize).prop_map(
+        8 => (0..3usize, 0..3usize, 0..4usize, 0..3usize, any::<bool>(), 0..4usize, 0..3usize).prop_map(
             |(tier, genre, regions, priority, queue, fallbacks, game)| Op::Place { tier, genre, regions, priority, queue, fallbacks, game }
         ),
         3 => any::<usize>().prop_map(Op::Release),
@@ -134,6 +134,8 @@ struct Harness {
     live: BTreeMap<SessionId, (Placement, SessionState)>,
     /// Queued requests per tier: (session, priority, arrival order, since).
     queued: Vec<Vec<(SessionId, Priority, u128, Timestamp)>>,
+    /// For queued requests: the RTT of the first region and the genre's cap.
+    rtt: BTreeMap<SessionId, (u32, u32)>,
     genre_of: BTreeMap<SessionId, usize>,
 }
 
@@ -166,6 +168,7 @@ impl Harness {
             live: BTreeMap::new(),
             queued: vec![Vec::new(); 3],
             genre_of: BTreeMap::new(),
+            rtt: BTreeMap::new(),
         }
     }
 
@@ -240,7 +243,15 @@ impl Harness {
                         })?;
                     prop_assert!(tier >= asked);
                     let (_, prio, order, _) = entry;
-                    for &(other, p2, o2, _) in &self.queued[asked] {
+                    for &(other, p2, o2, since) in &self.queued[asked] {
+                        // A request still beyond its (relaxing) RTT cap does not compete for
+                        // capacity, so others may pass it.
+                        let (rtt, cap) = self.rtt.get(&other).copied().unwrap_or((0, 1));
+                        let waited = self.now.saturating_since(since).as_secs_f64();
+                        let relaxed = (f64::from(cap) * (1.0 + waited / 60.0).min(2.0)).round();
+                        if f64::from(rtt) > relaxed {
+                            continue;
+                        }
                         prop_assert!(
                             !(p2 > prio || (p2 == prio && o2 < order)),
                             "{} placed while {other} ({p2:?}, #{o2}) was ahead of it ({prio:?}, #{order})",
@@ -301,7 +312,9 @@ impl Harness {
                 let regions = match regions {
                     0 => vec![("eu", 20)],
                     1 => vec![("us", 30)],
-                    _ => vec![("eu", 35), ("us", 55)],
+                    2 => vec![("eu", 35), ("us", 55)],
+                    // Beyond the fps cap (40 ms) until it relaxes; within moba's and rpg's.
+                    _ => vec![("eu", 58)],
                 };
                 let fallbacks = match fallbacks {
                     0 => vec![],
@@ -332,6 +345,8 @@ impl Harness {
                     Decision::Placed(p) => self.on_placed(p)?,
                     Decision::Queued(q) => {
                         prop_assert!(queue);
+                        let cap = [40, 60, 100][genre];
+                        self.rtt.insert(q.session_id, (regions[0].1, cap));
                         self.queued[tier].push((q.session_id, priority, self.seq, self.now));
                     }
                     Decision::Rejected { .. } => {}
@@ -407,7 +422,8 @@ impl Harness {
                         out,
                         ReconcileOutcome::Applied {
                             adopted: 0,
-                            ended: 0
+                            ended: 0,
+                            refused: 0
                         },
                         "a faithful report changes nothing"
                     );
@@ -425,7 +441,8 @@ impl Harness {
                     out,
                     ReconcileOutcome::Applied {
                         adopted: 0,
-                        ended: had
+                        ended: had,
+                        refused: 0
                     }
                 );
             }

@@ -768,7 +768,8 @@ fn a_node_that_reports_back_in_time_keeps_its_sessions() {
         out,
         ReconcileOutcome::Applied {
             adopted: 0,
-            ended: 0
+            ended: 0,
+            refused: 0
         }
     );
     e.expire(at(100));
@@ -814,7 +815,8 @@ fn a_restarted_broker_adopts_the_sessions_agents_report() {
         out,
         ReconcileOutcome::Applied {
             adopted: 1,
-            ended: 0
+            ended: 0,
+            refused: 0
         }
     );
     assert_eq!(e.session_state(&sid(7)), Some(SessionState::Active));
@@ -841,14 +843,16 @@ fn a_reservation_the_agent_has_not_seen_survives_a_short_while() {
         e.reconcile(&empty, at(5)).unwrap(),
         ReconcileOutcome::Applied {
             adopted: 0,
-            ended: 0
+            ended: 0,
+            refused: 0
         }
     );
     assert_eq!(
         e.reconcile(&empty, at(10)).unwrap(),
         ReconcileOutcome::Applied {
             adopted: 0,
-            ended: 1
+            ended: 1,
+            refused: 0
         }
     );
     assert!(matches!(
@@ -865,7 +869,8 @@ fn a_reservation_the_agent_has_not_seen_survives_a_short_while() {
         e.reconcile(&restarted, at(11)).unwrap(),
         ReconcileOutcome::Applied {
             adopted: 0,
-            ended: 1
+            ended: 1,
+            refused: 0
         }
     );
     e.audit().unwrap();

@@ -10,13 +10,13 @@ use framecast_shared::config::BrokerConfig;
 use framecast_shared::genre::GenreProfile;
 use framecast_shared::gpu::GpuMode;
 use framecast_shared::ids::{GpuId, NodeId, SessionId};
-use framecast_shared::protocol::Hello;
+use framecast_shared::protocol::{Hello, RunningSession};
 use framecast_shared::state::{EndReason, NodeState, SessionState};
 use framecast_shared::tier::TierPreset;
 use framecast_shared::time::Timestamp;
 
 use super::catalog::{Catalog, GameIdx, GenreIdx, RegionIdx, TierIdx};
-use super::fleet::{Demand, Fleet, GpuIdx, Node, NodeIdx, Slot, SlotPlan, to_usize};
+use super::fleet::{Demand, Fleet, GpuIdx, Infeasible, Node, NodeIdx, Slot, SlotChoice, to_usize};
 use super::queue::{Queues, Waiting};
 use super::request::{
     AttemptExplanation, Decision, EngineEvent, Explanation, Fallback, PlaceRequest, Placement,
@@ -107,6 +107,9 @@ pub enum ReconcileOutcome {
         adopted: usize,
         /// Sessions the engine had on the node that the report does not hold, now ended.
         ended: usize,
+        /// Reported sessions the engine could not take: an unknown GPU, tier or slot, or more
+        /// than the GPU holds in its mode. The service should tell the agent to end them.
+        refused: usize,
     },
     /// The report came from an older generation than one already seen; it was ignored.
     Stale {
@@ -187,6 +190,9 @@ pub struct Engine {
     lost: Vec<(Timestamp, NodeIdx)>,
     /// Draining nodes and their deadlines.
     draining: Vec<(Timestamp, NodeIdx)>,
+    /// Per tier, the highest class whose queued head last failed for want of capacity; a new
+    /// request of that class or lower joins the queue behind it instead of taking capacity.
+    queue_blocked: Vec<Option<Priority>>,
 }
 
 /// Weight of one request in the tier-mix estimate.
@@ -213,6 +219,7 @@ impl Engine {
             tier_mix: vec![1.0 / n.max(1) as f64; n],
             lost: Vec::new(),
             draining: Vec::new(),
+            queue_blocked: vec![None; n],
         }
     }
 
@@ -262,11 +269,17 @@ impl Engine {
             Ok(v) => v,
             Err(reason) => return Decision::Rejected { reason },
         };
+        if self.beyond_any_rtt_cap(&request, genre) {
+            return Decision::Rejected {
+                reason: RejectReason::RttTooHigh,
+            };
+        }
         self.observe_tier(tier);
         let game = self.fleet.catalog.intern_game(&request.game);
         // Freed capacity serves the queue first: a request joins behind equal or higher
         // classes already waiting for its tier.
-        if self.queue.ahead_of(tier, request.priority) == 0 {
+        let mut waits_for_capacity = true;
+        if !self.blocked_by_queue(tier, request.priority) {
             let mut strategy =
                 std::mem::replace(&mut self.strategy, Box::new(super::strategy::FirstFit));
             let result = self.attempt(
@@ -290,7 +303,7 @@ impl Engine {
                 }
                 Err(reason) if !request.queue => return Decision::Rejected { reason },
                 // Queue it: capacity may free up, and the RTT cap relaxes while it waits.
-                Err(_) => {}
+                Err(reason) => waits_for_capacity = reason == RejectReason::NoCapacity,
             }
         } else if !request.queue {
             return Decision::Rejected {
@@ -303,6 +316,9 @@ impl Engine {
             };
         }
         let session_id = request.session_id;
+        if waits_for_capacity && let Some(b) = self.queue_blocked.get_mut(usize::from(tier)) {
+            *b = (*b).max(Some(request.priority));
+        }
         let position = self.queue.push(Waiting {
             request,
             tier,
@@ -391,14 +407,54 @@ impl Engine {
             .catalog
             .genre_idx(&request.genre)
             .ok_or(RejectReason::UnknownGenre)?;
+        // Without the next-region fallback only the first region listed counts.
+        let considered = if request.fallbacks.contains(&Fallback::NextRegion) {
+            usize::MAX
+        } else {
+            1
+        };
         if !request
             .regions
             .iter()
+            .take(considered)
             .any(|r| self.fleet.catalog.region_idx(&r.region).is_some())
         {
             return Err(RejectReason::NoRegion);
         }
         Ok((tier, genre))
+    }
+
+    /// Whether queued requests of `tier` at `priority` or above wait for capacity, so a new
+    /// request must queue behind them. Requests that wait only for their RTT cap to relax do
+    /// not hold others back.
+    fn blocked_by_queue(&self, tier: TierIdx, priority: Priority) -> bool {
+        self.queue.ahead_of(tier, priority) > 0
+            && self
+                .queue_blocked
+                .get(usize::from(tier))
+                .copied()
+                .flatten()
+                .is_some_and(|p| p >= priority)
+    }
+
+    /// Whether every region the request may use is beyond the genre's RTT cap even fully
+    /// relaxed: such a request could wait in the queue only to time out.
+    fn beyond_any_rtt_cap(&self, request: &PlaceRequest, genre: GenreIdx) -> bool {
+        let Some(g) = self.fleet.catalog.genre(genre) else {
+            return true;
+        };
+        let max = relaxed_cap(g.rtt_cap_ms, Duration::MAX, &self.config);
+        let considered = if request.fallbacks.contains(&Fallback::NextRegion) {
+            usize::MAX
+        } else {
+            1
+        };
+        request
+            .regions
+            .iter()
+            .take(considered)
+            .filter(|r| self.fleet.catalog.region_idx(&r.region).is_some())
+            .all(|r| r.rtt_ms > max)
     }
 
     fn observe_tier(&mut self, tier: TierIdx) {
@@ -426,19 +482,23 @@ impl Engine {
             .genre(genre_idx)
             .ok_or(RejectReason::UnknownGenre)?;
         let cap = relaxed_cap(genre.rtt_cap_ms, waited, &self.config);
+        // Without the next-region fallback only the first region listed counts, known or not.
         let regions: Vec<(RegionIdx, u32)> = request
             .regions
             .iter()
-            .filter_map(|r| Some((self.fleet.catalog.region_idx(&r.region)?, r.rtt_ms)))
             .take(if request.fallbacks.contains(&Fallback::NextRegion) {
                 usize::MAX
             } else {
                 1
             })
+            .filter_map(|r| Some((self.fleet.catalog.region_idx(&r.region)?, r.rtt_ms)))
             .collect();
         let mut tiers = vec![tier];
+        // A tier-up fallback takes capacity of the tier above only when nobody of an equal
+        // or higher class waits for that tier.
         if request.fallbacks.contains(&Fallback::TierUp)
             && self.fleet.catalog.tier(tier + 1).is_some()
+            && self.queue.ahead_of(tier + 1, request.priority) == 0
         {
             tiers.push(tier + 1);
         }
@@ -626,6 +686,15 @@ impl Engine {
         {
             return Ok(());
         }
+        // Only the node a session runs on speaks for it.
+        let on_node = self
+            .sessions
+            .get(session)
+            .and_then(|a| self.fleet.gpu(a.gpu))
+            .is_some_and(|g| g.node == node_idx);
+        if !on_node {
+            return Err(EngineError::UnknownSession(*session));
+        }
         let alloc = self
             .sessions
             .get_mut(session)
@@ -748,9 +817,13 @@ impl Engine {
         }
         let mut strategy =
             std::mem::replace(&mut self.strategy, Box::new(super::strategy::FirstFit));
+        self.queue_blocked.iter_mut().for_each(|b| *b = None);
         for tier in self.queue.busy_tiers() {
             'tier: for priority in Priority::HIGHEST_FIRST {
-                while let Some(w) = self.queue.front(tier, priority) {
+                for session in self.queue.class(tier, priority) {
+                    let Some(w) = self.queue.get(&session) else {
+                        continue;
+                    };
                     let waited = now.saturating_since(w.since);
                     let game = self.fleet.catalog.game_idx(&w.request.game);
                     match self.attempt(
@@ -763,14 +836,23 @@ impl Engine {
                         None,
                     ) {
                         Ok((choice, region, served)) => {
-                            let Some(w) = self.queue.pop_front(tier, priority) else {
-                                break 'tier;
+                            let Some(w) = self.queue.remove(&session) else {
+                                continue;
                             };
                             if let Some(p) = self.commit(&w.request, choice, region, served, now) {
                                 self.events.push_back(EngineEvent::Placed(p));
                             }
                         }
-                        Err(_) => break 'tier,
+                        // Not competing for capacity yet: its regions are still beyond the
+                        // (relaxing) RTT cap. Those behind it may go.
+                        Err(RejectReason::RttTooHigh) => {}
+                        // Capacity is short: nobody behind it may overtake it.
+                        Err(_) => {
+                            if let Some(b) = self.queue_blocked.get_mut(usize::from(tier)) {
+                                *b = Some(priority);
+                            }
+                            break 'tier;
+                        }
                     }
                 }
             }
@@ -853,6 +935,11 @@ impl Engine {
     pub fn drain(&mut self, node: &NodeId, deadline: Timestamp) -> Result<(), EngineError> {
         let idx = self.node_index(node)?;
         self.try_node_state(idx, NodeState::Draining { deadline })?;
+        // A drained node stays out of service until an operator uncordons it, even if it goes
+        // down and comes back before the deadline.
+        if let Some(n) = self.fleet.nodes.get_mut(to_usize(idx)) {
+            n.cordoned = true;
+        }
         self.draining.retain(|(_, n)| *n != idx);
         self.draining.push((deadline, idx));
         Ok(())
@@ -973,6 +1060,7 @@ impl Engine {
                 gpu.present = true;
                 gpu.vgpus_created = inv.vgpus;
             }
+            self.fleet.reshape(g, spec, inv.mode);
         }
         let node_gpus: Vec<GpuIdx> = self
             .fleet
@@ -987,87 +1075,59 @@ impl Engine {
             }
         }
 
-        // Sessions the agent reports.
+        // Sessions the agent reports. First take every reported session out of a slot other
+        // than the one the agent has it in, without reporting an end (it is re-adopted just
+        // below), so two sessions that swapped slots do not evict each other.
         let mut adopted = 0;
+        let mut refused = 0;
         let mut reported = Vec::with_capacity(hello.sessions.len());
+        let mut placed_as_reported = Vec::with_capacity(hello.sessions.len());
         for rs in &hello.sessions {
-            let Some(g) = self.node_gpu(idx, &rs.gpu) else {
-                continue;
-            };
-            let Ok(slot) = u16::try_from(rs.slot) else {
-                continue;
-            };
             reported.push(rs.session_id);
-            if let Some(a) = self.sessions.get_mut(&rs.session_id) {
-                if a.gpu == g && a.slot == slot {
-                    a.origin = Origin::Observed;
-                    if a.state != rs.state && reachable(a.state, rs.state) && !rs.state.is_ended() {
-                        a.state = rs.state;
-                        a.since = rs.since;
-                        a.expires_at = None;
-                    }
-                    continue;
-                }
-                // The agent has it elsewhere: the agent is right.
+            let at = self.node_gpu(idx, &rs.gpu).zip(u16::try_from(rs.slot).ok());
+            let Some(a) = self.sessions.get(&rs.session_id) else {
+                continue;
+            };
+            if at == Some((a.gpu, a.slot)) {
+                placed_as_reported.push(rs.session_id);
+            } else {
                 self.end(&rs.session_id, EndReason::Error, now, false);
+            }
+        }
+        for rs in &hello.sessions {
+            if placed_as_reported.contains(&rs.session_id) {
+                let grace = self.config.reconnect_grace;
+                let Some(a) = self.sessions.get_mut(&rs.session_id) else {
+                    continue;
+                };
+                a.origin = Origin::Observed;
+                if let SessionState::Ended(reason) = rs.state {
+                    self.end(&rs.session_id, reason, now, true);
+                } else if a.state != rs.state && reachable(a.state, rs.state) {
+                    a.state = rs.state;
+                    a.since = if rs.state == SessionState::Reconnecting {
+                        now
+                    } else {
+                        rs.since
+                    };
+                    a.expires_at = None;
+                    if rs.state == SessionState::Reconnecting {
+                        self.timers.push(Reverse((
+                            now.saturating_add(grace),
+                            Timer::ReconnectGrace,
+                            rs.session_id,
+                        )));
+                    }
+                }
+                continue;
             }
             if rs.state.is_ended() {
                 continue;
             }
-            let tier = self.fleet.catalog.tier_idx(&rs.tier);
-            let genre = rs
-                .genre
-                .as_ref()
-                .and_then(|g| self.fleet.catalog.genre_idx(g))
-                .unwrap_or(0);
-            let Some(tier) = tier else { continue };
-            // A slot the engine had given to another session goes to the one the agent runs.
-            let occupant = self
-                .fleet
-                .gpu(g)
-                .and_then(|gpu| gpu.slots.get(usize::from(slot)).copied());
-            if let Some(Slot::Held { session }) = occupant {
-                self.end(&session, EndReason::Error, now, true);
+            match self.adopt(idx, rs, now) {
+                Ok(()) => adopted += 1,
+                Err(_) => refused += 1,
             }
-            let Some(gpu) = self.fleet.gpu(g) else {
-                continue;
-            };
-            let Ok(demand) = self.fleet.demand(gpu, tier, genre, false) else {
-                continue;
-            };
-            let warm = matches!(occupant, Some(Slot::Warm { .. }));
-            let reprofile = gpu.mode == GpuMode::EqualSize && gpu.profile != demand.profile;
-            self.fleet.occupy(
-                g,
-                SlotPlan {
-                    slot,
-                    warm,
-                    reprofile,
-                },
-                rs.session_id,
-                &demand,
-            );
-            self.sessions.insert(
-                rs.session_id,
-                Allocation {
-                    gpu: g,
-                    slot,
-                    demand,
-                    state: rs.state,
-                    origin: Origin::Observed,
-                    since: rs.since,
-                    expires_at: None,
-                },
-            );
-            if rs.state == SessionState::Reserved {
-                let at = now.saturating_add(self.config.reservation_ttl);
-                if let Some(a) = self.sessions.get_mut(&rs.session_id) {
-                    a.expires_at = Some(at);
-                }
-                self.timers
-                    .push(Reverse((at, Timer::ReservationExpiry, rs.session_id)));
-            }
-            adopted += 1;
         }
 
         // Sessions the engine has on the node that the agent does not report.
@@ -1144,7 +1204,84 @@ impl Engine {
             }
         }
         self.serve_queue(now);
-        Ok(ReconcileOutcome::Applied { adopted, ended })
+        Ok(ReconcileOutcome::Applied {
+            adopted,
+            ended,
+            refused,
+        })
+    }
+
+    /// Takes a session the agent runs into the engine's accounting, in the slot the agent has it
+    /// in, if the GPU's rules allow it. A slot the engine had given to an unconfirmed
+    /// reservation goes to the session the agent actually runs.
+    fn adopt(
+        &mut self,
+        node: NodeIdx,
+        rs: &RunningSession,
+        now: Timestamp,
+    ) -> Result<(), Infeasible> {
+        let g = self
+            .node_gpu(node, &rs.gpu)
+            .ok_or(Infeasible::NotAccepting)?;
+        let slot = u16::try_from(rs.slot).map_err(|_| Infeasible::NoSlot)?;
+        let tier = self
+            .fleet
+            .catalog
+            .tier_idx(&rs.tier)
+            .ok_or(Infeasible::NoFit)?;
+        let genre = rs
+            .genre
+            .as_ref()
+            .and_then(|g| self.fleet.catalog.genre_idx(g))
+            .unwrap_or(0);
+        let occupant = self
+            .fleet
+            .gpu(g)
+            .and_then(|gpu| gpu.slots.get(usize::from(slot)).copied());
+        if let Some(Slot::Held { session }) = occupant {
+            self.end(&session, EndReason::Error, now, true);
+        }
+        let gpu = self.fleet.gpu(g).ok_or(Infeasible::NotAccepting)?;
+        let demand = self.fleet.demand(gpu, tier, genre, false)?;
+        let plan = self.fleet.check(gpu, &demand, SlotChoice::Exact(slot))?;
+        self.fleet.occupy(g, plan, rs.session_id, &demand);
+        let (since, expires_at) = match rs.state {
+            SessionState::Reserved => (
+                rs.since,
+                Some(now.saturating_add(self.config.reservation_ttl)),
+            ),
+            SessionState::Reconnecting => (now, None),
+            _ => (rs.since, None),
+        };
+        self.sessions.insert(
+            rs.session_id,
+            Allocation {
+                gpu: g,
+                slot,
+                demand,
+                state: rs.state,
+                origin: Origin::Observed,
+                since,
+                expires_at,
+            },
+        );
+        match rs.state {
+            SessionState::Reserved => {
+                if let Some(at) = expires_at {
+                    self.timers
+                        .push(Reverse((at, Timer::ReservationExpiry, rs.session_id)));
+                }
+            }
+            SessionState::Reconnecting => {
+                self.timers.push(Reverse((
+                    now.saturating_add(self.config.reconnect_grace),
+                    Timer::ReconnectGrace,
+                    rs.session_id,
+                )));
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     fn node_gpu(&self, node: NodeIdx, id: &GpuId) -> Option<GpuIdx> {
@@ -1190,7 +1327,18 @@ impl Engine {
     /// slots and sessions add up to, and no resource exceeds its capacity; every session's slot
     /// holds it; every indexed GPU belongs where it is. For tests and the simulator.
     pub fn audit(&self) -> Result<(), String> {
-        let mut per_gpu: FxHashMap<GpuIdx, (u64, u32, u32, u16, u16, u8)> = FxHashMap::default();
+        #[derive(Default)]
+        struct Sum {
+            fb: u64,
+            compute: u32,
+            encoder: u32,
+            sessions: u16,
+            slices: u16,
+            load: u32,
+            sensitivity: u32,
+        }
+        let mut per_gpu: FxHashMap<GpuIdx, Sum> = FxHashMap::default();
+        let mut cpu: FxHashMap<NodeIdx, u32> = FxHashMap::default();
         for (id, a) in &self.sessions {
             let gpu = self
                 .fleet
@@ -1206,44 +1354,66 @@ impl Engine {
                 }
             }
             let e = per_gpu.entry(a.gpu).or_default();
-            e.1 += a.demand.compute;
-            e.2 += a.demand.encoder;
-            e.3 += 1;
-            e.5 += a.demand.mig_slices;
+            e.fb += a.demand.fb_mb;
+            e.compute += a.demand.compute;
+            e.encoder += a.demand.encoder;
+            e.sessions += 1;
+            e.slices += a.demand.mig_slices;
+            e.load += a.demand.load;
+            e.sensitivity += a.demand.sensitivity;
+            *cpu.entry(gpu.node).or_default() += a.demand.cpu;
         }
         for (i, gpu) in self.fleet.gpus.iter().enumerate() {
             let g = GpuIdx::try_from(i).map_err(|e| e.to_string())?;
             let spec = self.fleet.catalog.spec(gpu.spec).ok_or("unknown spec")?;
+            let name = &gpu.id;
+            let mut sum = per_gpu.remove(&g).unwrap_or_default();
             let held = gpu
                 .slots
                 .iter()
                 .filter(|s| matches!(s, Slot::Held { .. }))
                 .count();
-            let warm = gpu
-                .slots
-                .iter()
-                .filter(|s| matches!(s, Slot::Warm { .. }))
-                .count();
-            let (_, compute, encoder, sessions, _, slices) =
-                per_gpu.get(&g).copied().unwrap_or_default();
-            let name = &gpu.id;
+            let mut warm = 0usize;
+            for (slot, s) in gpu.slots.iter().enumerate() {
+                if matches!(s, Slot::Warm { .. }) {
+                    warm += 1;
+                    let (fb, slices) = self
+                        .fleet
+                        .warm_usage(gpu, u16::try_from(slot).map_err(|e| e.to_string())?);
+                    sum.fb += fb;
+                    sum.slices += slices;
+                }
+            }
             if usize::from(gpu.held) != held
                 || usize::from(gpu.warm) != warm
-                || gpu.held != sessions
+                || gpu.held != sum.sessions
             {
                 return Err(format!(
-                    "{name}: held {} warm {} but slots say {held}/{warm}, sessions {sessions}",
-                    gpu.held, gpu.warm
+                    "{name}: held {} warm {} but slots say {held}/{warm}, sessions {}",
+                    gpu.held, gpu.warm, sum.sessions
                 ));
             }
-            if gpu.used.compute != compute
-                || gpu.used.encoder != encoder
-                || gpu.used.encoder_sessions != sessions
-                || gpu.used.mig_slices != slices
-            {
+            let counted = (
+                gpu.used.fb_mb,
+                gpu.used.compute,
+                gpu.used.encoder,
+                gpu.used.encoder_sessions,
+                gpu.used.mig_slices,
+                gpu.load,
+                gpu.sensitivity,
+            );
+            let recomputed = (
+                sum.fb,
+                sum.compute,
+                sum.encoder,
+                sum.sessions,
+                sum.slices,
+                sum.load,
+                sum.sensitivity,
+            );
+            if counted != recomputed {
                 return Err(format!(
-                    "{name}: usage {:?} but sessions add up to compute {compute}, encoder {encoder}",
-                    gpu.used
+                    "{name}: counters {counted:?} but sessions and warm slots add up to {recomputed:?}"
                 ));
             }
             if gpu.used.fb_mb > spec.framebuffer.get() {
@@ -1266,8 +1436,16 @@ impl Engine {
             {
                 return Err(format!("{name}: encoder sessions over the cap"));
             }
-            if gpu.mode.enforces_compute_share() && gpu.used.compute > super::fleet::FULL_COMPUTE {
-                return Err(format!("{name}: compute {} > 16/16", gpu.used.compute));
+            let compute_limit = if gpu.mode.enforces_compute_share() {
+                super::fleet::FULL_COMPUTE
+            } else {
+                super::fleet::SOFT_COMPUTE_LIMIT
+            };
+            if gpu.used.compute > compute_limit {
+                return Err(format!(
+                    "{name}: compute {} > {compute_limit}",
+                    gpu.used.compute
+                ));
             }
             if gpu.mode == GpuMode::EqualSize && !gpu.exclusive && gpu.occupied() > gpu.slot_cap {
                 return Err(format!(
@@ -1276,7 +1454,8 @@ impl Engine {
                     gpu.slot_cap
                 ));
             }
-            if gpu.mode == GpuMode::Mig && gpu.used.mig_slices > spec.mig_compute_slices {
+            if gpu.mode == GpuMode::Mig && gpu.used.mig_slices > u16::from(spec.mig_compute_slices)
+            {
                 return Err(format!("{name}: MIG slices over"));
             }
             if gpu.exclusive && gpu.occupied() != 1 {
@@ -1285,9 +1464,17 @@ impl Engine {
                     gpu.occupied()
                 ));
             }
-            if let Some(n) = self.fleet.node(gpu.node)
-                && n.cpu_total.is_some_and(|t| n.cpu_used > t)
-            {
+        }
+        for (i, n) in self.fleet.nodes.iter().enumerate() {
+            let idx = NodeIdx::try_from(i).map_err(|e| e.to_string())?;
+            let expected = cpu.get(&idx).copied().unwrap_or(0);
+            if n.cpu_used != expected {
+                return Err(format!(
+                    "{}: CPU used {} but sessions add up to {expected}",
+                    n.id, n.cpu_used
+                ));
+            }
+            if n.cpu_total.is_some_and(|t| n.cpu_used > t) {
                 return Err(format!("{}: CPU over", n.id));
             }
         }

@@ -73,8 +73,8 @@ pub struct Usage {
     pub encoder: u32,
     /// Encoder sessions.
     pub encoder_sessions: u16,
-    /// MIG compute slices of occupied instances.
-    pub mig_slices: u8,
+    /// MIG compute slices of occupied instances, warm ones included.
+    pub mig_slices: u16,
 }
 
 /// One physical GPU.
@@ -116,6 +116,9 @@ pub struct Gpu {
     pub present: bool,
     /// Which index sets it is in now.
     pub membership: Membership,
+    /// The agent reports another model or mode than the GPU had; it takes the new shape once
+    /// no session is left on it, and no new session until then.
+    pub pending_shape: Option<(SpecIdx, GpuMode)>,
 }
 
 impl Gpu {
@@ -147,7 +150,7 @@ pub struct Demand {
     /// The vGPU profile (equal-size, mixed-size) or MIG shape.
     pub profile: Option<ProfileIdx>,
     /// MIG compute slices.
-    pub mig_slices: u8,
+    pub mig_slices: u16,
     /// Takes the whole GPU.
     pub exclusive: bool,
 }
@@ -196,6 +199,26 @@ impl Infeasible {
             Self::Exclusive => "GPU not wholly free",
         }
     }
+}
+
+/// Which slot a session may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotChoice {
+    /// Any free slot.
+    Any,
+    /// This slot, which holds a warm instance of the session's game and tier.
+    Warm(u16),
+    /// This slot, free or holding a warm instance of anything: a session an agent reports.
+    Exact(u16),
+}
+
+/// What a warm instance occupies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Footprint {
+    warm: bool,
+    fb_mb: u64,
+    mig_slices: u16,
+    profile: Option<ProfileIdx>,
 }
 
 /// Where on a GPU a session would go.
@@ -288,6 +311,7 @@ impl Fleet {
             exclusive: false,
             present: true,
             membership: Membership::default(),
+            pending_shape: None,
         });
         self.indices.add_gpu(region, spec);
         if let Some(n) = self.nodes.get_mut(to_usize(node)) {
@@ -362,24 +386,41 @@ impl Fleet {
                 d.fb_mb = shape.framebuffer.megabytes().get();
                 // A MIG instance is a hardware partition: its compute is fixed, whatever the genre.
                 d.compute = u32::from(shape.compute_share.sixteenths()) * 1000;
-                d.mig_slices = shape.mig_slices.unwrap_or(1);
+                d.mig_slices = u16::from(shape.mig_slices.unwrap_or(1));
             }
         }
         Ok(d)
     }
 
-    /// Whether `gpu` can take `d` now, and in which slot. `warm` names a slot holding a warm
-    /// instance of the session's game and tier to use.
-    pub fn check(&self, gpu: &Gpu, d: &Demand, warm: Option<u16>) -> Result<SlotPlan, Infeasible> {
+    /// Whether `gpu` can take `d` now, and in which slot (see [`SlotChoice`]).
+    pub fn check(&self, gpu: &Gpu, d: &Demand, choice: SlotChoice) -> Result<SlotPlan, Infeasible> {
         let node = self.node(gpu.node).ok_or(Infeasible::NotAccepting)?;
-        if !gpu.present || !node.state.accepts_sessions() {
+        let adopting = matches!(choice, SlotChoice::Exact(_));
+        // A session the agent already runs is taken whatever the node's state.
+        if !gpu.present || (!adopting && !node.state.accepts_sessions()) {
             return Err(Infeasible::NotAccepting);
         }
         if gpu.exclusive {
             return Err(Infeasible::Exclusive);
         }
         let spec = self.catalog.spec(gpu.spec).ok_or(Infeasible::NoFit)?;
-        if d.exclusive && gpu.occupied() > 0 {
+
+        // The slot, if the caller names one, and what a warm instance in it gives back.
+        let named = match choice {
+            SlotChoice::Any => None,
+            SlotChoice::Warm(slot) => match gpu.slots.get(usize::from(slot)) {
+                Some(Slot::Warm { tier, .. }) if *tier == d.tier && !d.exclusive => Some(slot),
+                _ => return Err(Infeasible::NoSlot),
+            },
+            SlotChoice::Exact(slot) => match gpu.slots.get(usize::from(slot)) {
+                Some(Slot::Free | Slot::Warm { .. }) => Some(slot),
+                _ => return Err(Infeasible::NoSlot),
+            },
+        };
+        let credit = named.map_or(Footprint::default(), |slot| self.warm_footprint(gpu, slot));
+        let occupied = gpu.occupied() - u16::from(credit.warm);
+        let fb_after = gpu.used.fb_mb.saturating_sub(credit.fb_mb) + d.fb_mb;
+        if d.exclusive && occupied > 0 {
             return Err(Infeasible::Exclusive);
         }
         let mut reprofile = false;
@@ -396,7 +437,7 @@ impl Fleet {
                 GpuMode::EqualSize => {
                     let p = d.profile.ok_or(Infeasible::NoFit)?;
                     if gpu.profile != Some(p) {
-                        if gpu.occupied() > 0 {
+                        if occupied > 0 {
                             return Err(Infeasible::ProfileMismatch);
                         }
                         reprofile = true;
@@ -416,11 +457,9 @@ impl Fleet {
                         .fit(gpu.spec, d.tier)
                         .mixed
                         .map_or(0, |(_, n)| n);
-                    if count_profile(gpu, p) >= limit {
+                    let same = u16::from(credit.profile == Some(p));
+                    if count_profile(gpu, p) - same >= limit {
                         return Err(Infeasible::NoSlot);
-                    }
-                    if gpu.used.fb_mb + d.fb_mb > spec.framebuffer.get() {
-                        return Err(Infeasible::Framebuffer);
                     }
                     if gpu.used.compute + d.compute > SOFT_COMPUTE_LIMIT {
                         return Err(Infeasible::Compute);
@@ -433,18 +472,21 @@ impl Fleet {
                         .catalog
                         .profile(gpu.spec, GpuMode::Mig, p)
                         .ok_or(Infeasible::NoFit)?;
-                    if count_profile(gpu, p) >= shape.max_instances
-                        || gpu.used.mig_slices + d.mig_slices > spec.mig_compute_slices
+                    let same = u16::from(credit.profile == Some(p));
+                    let slices_after =
+                        gpu.used.mig_slices.saturating_sub(credit.mig_slices) + d.mig_slices;
+                    if count_profile(gpu, p) - same >= shape.max_instances
+                        || slices_after > u16::from(spec.mig_compute_slices)
                     {
                         return Err(Infeasible::MigSlices);
-                    }
-                    if gpu.used.fb_mb + d.fb_mb > spec.framebuffer.get() {
-                        return Err(Infeasible::Framebuffer);
                     }
                     gpu.slot_cap
                 }
             }
         };
+        if fb_after > spec.framebuffer.get() {
+            return Err(Infeasible::Framebuffer);
+        }
         if gpu.used.encoder + d.encoder > spec.encoder_capacity.milli() {
             return Err(Infeasible::Encoder);
         }
@@ -460,38 +502,62 @@ impl Fleet {
         {
             return Err(Infeasible::Cpu);
         }
-        if let Some(slot) = warm {
-            let ok = matches!(gpu.slots.get(usize::from(slot)), Some(Slot::Warm { tier, .. }) if *tier == d.tier)
-                && !reprofile
-                && !d.exclusive;
-            return if ok {
-                Ok(SlotPlan {
-                    slot,
-                    warm: true,
-                    reprofile,
-                })
-            } else {
-                Err(Infeasible::NoSlot)
-            };
-        }
         let usable = usize::from(cap).min(gpu.slots.len());
-        let slot = gpu
-            .slots
-            .iter()
-            .take(usable)
-            .position(|s| *s == Slot::Free)
-            .and_then(|i| u16::try_from(i).ok())
-            .ok_or(Infeasible::NoSlot)?;
+        let slot = match named {
+            Some(slot) if usize::from(slot) < usable => slot,
+            Some(_) => return Err(Infeasible::NoSlot),
+            None => gpu
+                .slots
+                .iter()
+                .take(usable)
+                .position(|s| *s == Slot::Free)
+                .and_then(|i| u16::try_from(i).ok())
+                .ok_or(Infeasible::NoSlot)?,
+        };
         Ok(SlotPlan {
             slot,
-            warm: false,
+            warm: credit.warm && matches!(choice, SlotChoice::Warm(_)),
             reprofile,
         })
+    }
+
+    /// What the warm instance in `slot` of `gpu` occupies; nothing for other slots.
+    fn warm_footprint(&self, gpu: &Gpu, slot: u16) -> Footprint {
+        let i = usize::from(slot);
+        if !matches!(gpu.slots.get(i), Some(Slot::Warm { .. })) {
+            return Footprint::default();
+        }
+        let profile = gpu.slot_profile.get(i).copied().flatten();
+        self.footprint(gpu, profile)
+    }
+
+    /// Framebuffer and MIG slices the warm instance in `slot` of `gpu` occupies (for audits).
+    pub fn warm_usage(&self, gpu: &Gpu, slot: u16) -> (u64, u16) {
+        let f = self.warm_footprint(gpu, slot);
+        (f.fb_mb, f.mig_slices)
+    }
+
+    /// What a warm instance of `profile` occupies on `gpu`.
+    fn footprint(&self, gpu: &Gpu, profile: Option<ProfileIdx>) -> Footprint {
+        let shape = profile.and_then(|p| self.catalog.profile(gpu.spec, gpu.mode, p));
+        Footprint {
+            warm: true,
+            fb_mb: shape.map_or(0, |p| p.framebuffer.megabytes().get()),
+            mig_slices: match gpu.mode {
+                GpuMode::Mig => shape.map_or(0, |p| u16::from(p.mig_slices.unwrap_or(1))),
+                _ => 0,
+            },
+            profile,
+        }
     }
 
     /// Puts `session` with demand `d` into `plan.slot` of `gpu`. The caller checked it.
     pub fn occupy(&mut self, gpu_idx: GpuIdx, plan: SlotPlan, session: SessionId, d: &Demand) {
         self.unindex(gpu_idx);
+        // A warm instance in the slot gives its resources back before the session takes its own.
+        let credit = self
+            .gpu(gpu_idx)
+            .map_or(Footprint::default(), |g| self.warm_footprint(g, plan.slot));
         let cap_for_profile = d
             .profile
             .and_then(|_| self.catalog_fit_slots(gpu_idx, d.tier));
@@ -499,7 +565,6 @@ impl Fleet {
             return;
         };
         let slot = usize::from(plan.slot);
-        let was_warm = matches!(gpu.slots.get(slot), Some(Slot::Warm { .. }));
         if gpu.mode == GpuMode::EqualSize
             && !d.exclusive
             && (plan.reprofile || gpu.profile.is_none())
@@ -513,11 +578,12 @@ impl Fleet {
         if let Some(p) = gpu.slot_profile.get_mut(slot) {
             *p = d.profile;
         }
-        if was_warm {
+        if credit.warm {
             gpu.warm = gpu.warm.saturating_sub(1);
-        } else {
-            gpu.used.fb_mb += d.fb_mb;
+            gpu.used.fb_mb = gpu.used.fb_mb.saturating_sub(credit.fb_mb);
+            gpu.used.mig_slices = gpu.used.mig_slices.saturating_sub(credit.mig_slices);
         }
+        gpu.used.fb_mb += d.fb_mb;
         gpu.held += 1;
         gpu.used.compute += d.compute;
         gpu.used.encoder += d.encoder;
@@ -525,7 +591,7 @@ impl Fleet {
         gpu.used.mig_slices += d.mig_slices;
         gpu.load += d.load;
         gpu.sensitivity += d.sensitivity;
-        gpu.exclusive = d.exclusive;
+        gpu.exclusive |= d.exclusive;
         let node = gpu.node;
         if let Some(n) = self.nodes.get_mut(to_usize(node)) {
             n.cpu_used += d.cpu;
@@ -573,21 +639,18 @@ impl Fleet {
         warm: &[(u16, GameIdx, TierIdx)],
     ) {
         self.unindex(gpu_idx);
-        let fb_of = |catalog: &Catalog, gpu: &Gpu, p: Option<ProfileIdx>| {
-            p.map_or(0, |p| profile_fb(catalog, gpu.spec, gpu.mode, p))
-        };
         let Some(gpu) = self.gpus.get(to_usize(gpu_idx)) else {
             return;
         };
         let mut gpu = gpu.clone();
+        let Some(spec) = self.catalog.spec(gpu.spec) else {
+            return;
+        };
         for i in 0..gpu.slots.len() {
             if let Some(Slot::Warm { .. }) = gpu.slots.get(i) {
-                let fb = fb_of(
-                    &self.catalog,
-                    &gpu,
-                    gpu.slot_profile.get(i).copied().flatten(),
-                );
-                gpu.used.fb_mb = gpu.used.fb_mb.saturating_sub(fb);
+                let f = self.footprint(&gpu, gpu.slot_profile.get(i).copied().flatten());
+                gpu.used.fb_mb = gpu.used.fb_mb.saturating_sub(f.fb_mb);
+                gpu.used.mig_slices = gpu.used.mig_slices.saturating_sub(f.mig_slices);
                 gpu.warm = gpu.warm.saturating_sub(1);
                 if let Some(s) = gpu.slots.get_mut(i) {
                     *s = Slot::Free;
@@ -618,17 +681,79 @@ impl Fleet {
             if gpu.mode != GpuMode::Exclusive && p.is_none() {
                 continue;
             }
+            // A report cannot make the GPU hold more than it has.
+            let f = self.footprint(&gpu, p);
+            let fits = gpu.used.fb_mb + f.fb_mb <= spec.framebuffer.get()
+                && (gpu.mode != GpuMode::Mig
+                    || gpu.used.mig_slices + f.mig_slices <= u16::from(spec.mig_compute_slices));
+            if !fits {
+                continue;
+            }
             if let Some(s) = gpu.slots.get_mut(i) {
                 *s = Slot::Warm { game, tier };
             }
             if let Some(sp) = gpu.slot_profile.get_mut(i) {
                 *sp = p;
             }
-            gpu.used.fb_mb += fb_of(&self.catalog, &gpu, p);
+            gpu.used.fb_mb += f.fb_mb;
+            gpu.used.mig_slices += f.mig_slices;
             gpu.warm += 1;
         }
         if let Some(g) = self.gpu_mut(gpu_idx) {
             *g = gpu;
+        }
+        self.index(gpu_idx);
+    }
+
+    /// Gives `gpu` a new model and mode as its agent reports them: at once if no session holds
+    /// a slot (warm instances are dropped; the agent reports them again), else once the last
+    /// session has left.
+    pub fn reshape(&mut self, gpu_idx: GpuIdx, spec: SpecIdx, mode: GpuMode) {
+        let Some(gpu) = self.gpu(gpu_idx) else { return };
+        if (gpu.spec, gpu.mode) == (spec, mode) {
+            if gpu.pending_shape.is_some() {
+                self.unindex(gpu_idx);
+                if let Some(g) = self.gpu_mut(gpu_idx) {
+                    g.pending_shape = None;
+                }
+                self.index(gpu_idx);
+            }
+            return;
+        }
+        if gpu.held > 0 {
+            self.unindex(gpu_idx);
+            if let Some(g) = self.gpu_mut(gpu_idx) {
+                g.pending_shape = Some((spec, mode));
+            }
+            return;
+        }
+        let Some(max_vgpus) = self.catalog.spec(spec).map(|s| s.max_vgpus) else {
+            return;
+        };
+        self.set_warm(gpu_idx, None, &[]);
+        self.unindex(gpu_idx);
+        let region = self.gpu(gpu_idx).map(|g| g.region);
+        let slot_count = if mode == GpuMode::Exclusive {
+            1
+        } else {
+            max_vgpus.max(1)
+        };
+        if let Some(g) = self.gpu_mut(gpu_idx) {
+            g.spec = spec;
+            g.mode = mode;
+            g.profile = None;
+            g.slots = vec![Slot::Free; usize::from(slot_count)];
+            g.slot_profile = vec![None; usize::from(slot_count)];
+            g.slot_cap = if mode == GpuMode::EqualSize {
+                0
+            } else {
+                slot_count
+            };
+            g.used = Usage::default();
+            g.pending_shape = None;
+        }
+        if let Some(region) = region {
+            self.indices.add_spec(region, spec);
         }
         self.index(gpu_idx);
     }
@@ -669,6 +794,7 @@ impl Fleet {
         let Some(gpu) = self.gpu(gpu_idx) else { return };
         let accepting = gpu.present
             && !gpu.exclusive
+            && gpu.pending_shape.is_none()
             && self
                 .node(gpu.node)
                 .is_some_and(|n| n.state.accepts_sessions())

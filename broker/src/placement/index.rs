@@ -45,25 +45,23 @@ pub struct Buckets {
 
 impl Buckets {
     fn insert(&mut self, gpu: GpuIdx, free: u16) {
-        let n = usize::from(free);
+        let n = bucket(free);
         if self.by_free.len() <= n {
             self.by_free.resize_with(n + 1, BTreeSet::default);
         }
         if let Some(set) = self.by_free.get_mut(n) {
             set.insert(gpu);
-            if n < 64 {
-                self.mask |= 1 << n;
-            }
+            self.mask |= 1 << n;
         }
         self.ordered.insert(gpu);
         self.items.insert(gpu);
     }
 
     fn remove(&mut self, gpu: GpuIdx, free: u16) {
-        let n = usize::from(free);
+        let n = bucket(free);
         if let Some(set) = self.by_free.get_mut(n) {
             set.remove(&gpu);
-            if set.is_empty() && n < 64 {
+            if set.is_empty() {
                 self.mask &= !(1 << n);
             }
         }
@@ -112,6 +110,12 @@ impl Buckets {
     pub fn iter_from(&self, from: GpuIdx) -> impl Iterator<Item = GpuIdx> + '_ {
         self.ordered.range(from..).copied()
     }
+}
+
+/// The bucket for `free` slots: GPUs with 63 or more share the last one, so the 64-bit mask
+/// covers every bucket.
+fn bucket(free: u16) -> usize {
+    usize::from(free.min(63))
 }
 
 /// A plain set with both an order of insertion and an order of index.
@@ -190,6 +194,11 @@ impl Indices {
     /// Notes a new GPU of `spec` in `region`.
     pub fn add_gpu(&mut self, region: RegionIdx, spec: SpecIdx) {
         *self.gpus.entry(region).or_default() += 1;
+        self.add_spec(region, spec);
+    }
+
+    /// Notes that `spec` occurs in `region` (without counting a GPU).
+    pub fn add_spec(&mut self, region: RegionIdx, spec: SpecIdx) {
         let specs = self.specs.entry(region).or_default();
         if !specs.contains(&spec) {
             specs.push(spec);

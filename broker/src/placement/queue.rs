@@ -136,6 +136,25 @@ impl Queues {
         q.remove(i)
     }
 
+    /// The sessions of one tier's class, in order.
+    pub fn class(&self, tier: TierIdx, priority: Priority) -> Vec<SessionId> {
+        self.by_tier
+            .get(usize::from(tier))
+            .and_then(|c| c.get(priority.index()))
+            .map(|q| q.iter().map(|w| w.request.session_id).collect())
+            .unwrap_or_default()
+    }
+
+    /// A waiting request.
+    pub fn get(&self, session: &SessionId) -> Option<&Waiting> {
+        let &(tier, priority) = self.index.get(session)?;
+        self.by_tier
+            .get(usize::from(tier))?
+            .get(priority.index())?
+            .iter()
+            .find(|w| &w.request.session_id == session)
+    }
+
     /// The head of one tier's class.
     pub fn front(&self, tier: TierIdx, priority: Priority) -> Option<&Waiting> {
         self.by_tier

@@ -8,7 +8,7 @@
 use std::fmt;
 
 use super::catalog::{GameIdx, GenreIdx, RegionIdx, TierIdx};
-use super::fleet::{Demand, Fleet, GpuIdx, Infeasible, SlotPlan};
+use super::fleet::{Demand, Fleet, GpuIdx, Infeasible, SlotChoice, SlotPlan};
 use super::request::CandidateExplanation;
 use super::score::{ScoreBreakdown, ScoreContext, score};
 
@@ -84,7 +84,8 @@ fn evaluate(
 ) -> Result<(Demand, SlotPlan), Infeasible> {
     let gpu = fleet.gpu(gpu_idx).ok_or(Infeasible::NotAccepting)?;
     let d = fleet.demand(gpu, ask.tier, ask.genre, exclusive)?;
-    let plan = fleet.check(gpu, &d, warm)?;
+    let choice = warm.map_or(SlotChoice::Any, SlotChoice::Warm);
+    let plan = fleet.check(gpu, &d, choice)?;
     Ok((d, plan))
 }
 
