@@ -13,7 +13,7 @@ use framecast_shared::tier::TierPreset;
 pub type TierIdx = u8;
 /// Index of a genre in [`Catalog::genres`].
 pub type GenreIdx = u8;
-/// Index of a GPU model in [`Catalog::specs`].
+/// Index of a GPU model in the catalog (see [`Catalog::spec`]).
 pub type SpecIdx = u16;
 /// Index of a region.
 pub type RegionIdx = u16;
