@@ -45,3 +45,29 @@ fn help_version_and_config_check() {
             .contains("error: inventory.simulate = \"\": must name a simulated inventory file")
     );
 }
+
+#[test]
+fn inventory_lists_simulated_gpus_or_says_what_to_install() {
+    let gpus = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/gpus.toml");
+    let out = agent(&["inventory", "--simulate", gpus.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing = String::from_utf8_lossy(&out.stdout);
+    // A host with the NVIDIA driver reports its real GPUs instead.
+    if listing.contains("source = \"simulated\"") {
+        assert_eq!(listing.matches("[[gpus]]").count(), 3, "{listing}");
+        assert!(listing.contains("id = \"sim-2\"") && listing.contains("NVIDIA GeForce RTX 4090"));
+    }
+    let out = agent(&["inventory"]);
+    if !out.status.success() {
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("Install the NVIDIA driver") && err.contains("--simulate gpus.toml"),
+            "{err}"
+        );
+    }
+}

@@ -14,6 +14,7 @@
 pub mod agent;
 pub mod broker;
 pub mod cli;
+pub mod inventory;
 mod validate;
 
 use std::fmt;

@@ -1,0 +1,7 @@
+//! `framecast-agent`: runs on every GPU host; keeps the vGPU pool and streams games.
+//!
+//! - [`inventory`]: what GPUs the host has (NVML or a simulated inventory);
+//! - [`encoder`]: NVENC encoder slots and the leases streams hold.
+
+pub mod encoder;
+pub mod inventory;
