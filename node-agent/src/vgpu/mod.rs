@@ -2,7 +2,8 @@
 //!
 //! - [`simulated::SimulatedBackend`]: bookkeeping only, for simulated inventories;
 //! - [`mdev::MdevBackend`]: Linux mediated devices through sysfs
-//!   (`/sys/class/mdev_bus/<pci>/mdev_supported_types/<type>/create`).
+//!   (`/sys/class/mdev_bus/<pci>/mdev_supported_types/<type>/create`);
+//! - [`plan`]: pre-allocation that brings the pool to the broker's `PoolPlan`.
 //!
 //! [`VgpuPool`] sits in front of a backend and enforces the GPU model's limits whatever the
 //! backend would allow: never more vGPUs than the model's `max_vgpus` or the profile's
@@ -10,6 +11,7 @@
 //! equal-size mode.
 
 pub mod mdev;
+pub mod plan;
 pub mod simulated;
 
 use std::collections::BTreeMap;
@@ -209,6 +211,24 @@ impl VgpuPool {
         self.backend.remove(&g.handle, vgpu)?;
         g.vgpus.remove(&uuid);
         Ok(())
+    }
+
+    /// Whether `gpu` is in the pool.
+    pub fn has_gpu(&self, gpu: &GpuId) -> bool {
+        self.gpus.contains_key(gpu)
+    }
+
+    /// vGPUs on `gpu` with the id of their profile (`L4-4Q`).
+    pub fn vgpus_with_profile(&self, gpu: &GpuId) -> Vec<(Vgpu, String)> {
+        self.gpus
+            .get(gpu)
+            .map(|g| {
+                g.vgpus
+                    .values()
+                    .map(|(v, p)| (v.clone(), p.id.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// vGPUs on `gpu`.
