@@ -2,8 +2,10 @@
 //!
 //! - [`inventory`]: what GPUs the host has (NVML or a simulated inventory);
 //! - [`encoder`]: NVENC encoder slots and the leases streams hold;
-//! - [`vgpu`]: creating and removing vGPUs (simulated, Linux mdev) within each model's limits.
+//! - [`vgpu`]: creating and removing vGPUs (simulated, Linux mdev) within each model's limits;
+//! - [`link`]: the QUIC control link to the broker, with mutual TLS.
 
 pub mod encoder;
 pub mod inventory;
+pub mod link;
 pub mod vgpu;

@@ -12,7 +12,8 @@
 //!   sharing modes, with a built-in table of real GPUs in [`gpu::models`];
 //! - [`state`]: the session and node lifecycles;
 //! - [`config`]: `broker.toml` and `agent.toml`;
-//! - [`protocol`]: messages, framing and the version handshake between agents and brokers.
+//! - [`protocol`]: messages, framing and the version handshake between agents and brokers;
+//! - [`tls`]: certificates and mutual-TLS configurations for the agent↔broker link.
 //!
 //! A message goes on the wire as one length-prefixed frame and comes back out of a
 //! [`protocol::FrameDecoder`], however the transport splits the bytes:
@@ -39,6 +40,7 @@ pub mod protocol;
 pub mod state;
 pub mod tier;
 pub mod time;
+pub mod tls;
 pub mod units;
 
 #[cfg(test)]

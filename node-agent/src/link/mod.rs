@@ -1,0 +1,294 @@
+//! The control link: a QUIC connection with mutual TLS from the agent to its broker.
+//!
+//! On every connection the agent sends `Hello` with its full state (GPUs, running sessions,
+//! warm instances) and its generation, waits for `Welcome` (or a `Goodbye` that says why not),
+//! then sends heartbeats at the interval the broker asked for while it executes the broker's
+//! messages. When the link drops it keeps its sessions running and reconnects with capped
+//! exponential backoff, sending its full state again. A `Goodbye` for an incompatible version,
+//! a stale generation or a failed authorisation stops it: retrying would not help.
+
+pub mod frames;
+pub mod generation;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use framecast_shared::protocol::handshake::accept_welcome;
+use framecast_shared::protocol::{
+    GoodbyeReason, Heartbeat, Hello, MIN_SUPPORTED_VERSION, Message, PROTOCOL_VERSION,
+};
+
+use frames::{FrameIoError, read_message, write_message};
+
+/// What the link needs from the rest of the agent.
+pub trait AgentState: Send {
+    /// The full `hello` for `generation`: GPUs, running sessions, warm instances.
+    fn hello(&self, generation: u64) -> Hello;
+    /// A heartbeat.
+    fn heartbeat(&self, generation: u64, seq: u64) -> Heartbeat;
+    /// Executes a message from the broker (`reserve`, `release`, `pool-plan`, `drain`) and
+    /// returns the messages to send back.
+    fn handle(&mut self, message: Message) -> Vec<Message>;
+}
+
+/// How to reach the broker.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// The broker's QUIC address.
+    pub broker: SocketAddr,
+    /// The name its certificate must carry.
+    pub server_name: String,
+    /// TLS: the CA, the agent's certificate and key.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Largest frame accepted from the broker.
+    pub max_frame: u32,
+    /// First reconnect delay; it doubles up to `backoff_max`.
+    pub backoff_min: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+}
+
+/// Where the link is, for `/readyz` and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkState {
+    /// Dialling the broker.
+    Connecting,
+    /// Welcomed; heartbeats flow.
+    Connected,
+    /// The last attempt failed; the next one starts after a delay.
+    Backoff {
+        /// Why the last attempt failed.
+        error: String,
+    },
+    /// The broker refused the agent for good, or the agent shut down.
+    Stopped,
+}
+
+/// Why the link stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The broker said goodbye for a reason retrying cannot fix.
+    #[error("the broker refused this agent ({reason:?}): {message}")]
+    Refused {
+        /// The broker's reason.
+        reason: GoodbyeReason,
+        /// The broker's words.
+        message: String,
+    },
+    /// The broker chose a protocol version this agent does not speak.
+    #[error(transparent)]
+    Version(#[from] framecast_shared::protocol::VersionError),
+    /// The TLS configuration cannot be used for QUIC.
+    #[error("TLS configuration unusable for QUIC: {0}")]
+    Tls(String),
+    /// The local UDP socket could not be opened.
+    #[error("cannot open a UDP socket: {0}")]
+    Socket(std::io::Error),
+}
+
+/// How one connection ended, when it was not fatal.
+#[derive(Debug)]
+enum Ended {
+    /// Worth another attempt; the reason is logged.
+    Retry(String),
+    /// The agent is shutting down.
+    Shutdown,
+}
+
+type Shared = Arc<Mutex<dyn AgentState>>;
+
+/// Runs the link until the broker refuses the agent or `shutdown` turns true. The state is
+/// published on `state_tx`.
+pub async fn run(
+    config: LinkConfig,
+    agent: Shared,
+    generation: u64,
+    mut shutdown: watch::Receiver<bool>,
+    state_tx: watch::Sender<LinkState>,
+) -> Result<(), LinkError> {
+    let endpoint = client_endpoint(&config)?;
+    let mut delay = config.backoff_min;
+    loop {
+        let _ = state_tx.send(LinkState::Connecting);
+        let outcome = tokio::select! {
+            r = session(&endpoint, &config, &agent, generation, &state_tx) => r,
+            _ = shutdown.changed() => Ok(Ended::Shutdown),
+        };
+        match outcome {
+            Ok(Ended::Shutdown) => {
+                let _ = state_tx.send(LinkState::Stopped);
+                endpoint.close(0u32.into(), b"shutdown");
+                return Ok(());
+            }
+            Err(fatal) => {
+                let _ = state_tx.send(LinkState::Stopped);
+                return Err(fatal);
+            }
+            Ok(Ended::Retry(error)) => {
+                tracing::warn!(%error, retry_in_ms = delay.as_millis(), "control link down");
+                let connected_before = matches!(*state_tx.borrow(), LinkState::Connected);
+                if connected_before {
+                    delay = config.backoff_min;
+                }
+                let _ = state_tx.send(LinkState::Backoff { error });
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => {
+                        let _ = state_tx.send(LinkState::Stopped);
+                        return Ok(());
+                    }
+                }
+                delay = (delay * 2).min(config.backoff_max);
+            }
+        }
+    }
+}
+
+fn client_endpoint(config: &LinkConfig) -> Result<quinn::Endpoint, LinkError> {
+    let bind: SocketAddr = if config.broker.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(LinkError::Socket)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::clone(&config.tls))
+        .map_err(|e| LinkError::Tls(e.to_string()))?;
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    Ok(endpoint)
+}
+
+/// One connection, from dialling to its end.
+async fn session(
+    endpoint: &quinn::Endpoint,
+    config: &LinkConfig,
+    agent: &Shared,
+    generation: u64,
+    state_tx: &watch::Sender<LinkState>,
+) -> Result<Ended, LinkError> {
+    let retry = |what: &str, e: &dyn std::fmt::Display| Ok(Ended::Retry(format!("{what}: {e}")));
+    let connecting = match endpoint.connect(config.broker, &config.server_name) {
+        Ok(c) => c,
+        Err(e) => return retry("connect", &e),
+    };
+    let conn = match connecting.await {
+        Ok(c) => c,
+        Err(e) => return retry("handshake", &e),
+    };
+    let (mut send, recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return retry("open stream", &e),
+    };
+    let hello = lock(agent).hello(generation);
+    if let Err(e) = write_message(&mut send, &Message::Hello(hello), config.max_frame).await {
+        return retry("send hello", &e);
+    }
+
+    // The reader owns the receive side, so no read is ever cancelled half-way through a frame.
+    let (tx, mut rx) = mpsc::channel::<Result<Option<Message>, FrameIoError>>(64);
+    let max_frame = config.max_frame;
+    let reader = tokio::spawn(async move {
+        let mut recv = recv;
+        loop {
+            let r = read_message(&mut recv, max_frame).await;
+            let stop = !matches!(r, Ok(Some(_)));
+            if tx.send(r).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    let ended = converse(&mut send, &mut rx, config, agent, generation, state_tx).await;
+    reader.abort();
+    conn.close(0u32.into(), b"bye");
+    ended
+}
+
+async fn converse(
+    send: &mut quinn::SendStream,
+    rx: &mut mpsc::Receiver<Result<Option<Message>, FrameIoError>>,
+    config: &LinkConfig,
+    agent: &Shared,
+    generation: u64,
+    state_tx: &watch::Sender<LinkState>,
+) -> Result<Ended, LinkError> {
+    let interval = match rx.recv().await {
+        Some(Ok(Some(Message::Welcome(w)))) => {
+            accept_welcome(w.protocol_version, MIN_SUPPORTED_VERSION, PROTOCOL_VERSION)?;
+            if w.generation != generation {
+                return Ok(Ended::Retry(format!(
+                    "welcome for generation {}, this agent is {generation}",
+                    w.generation
+                )));
+            }
+            Duration::from_millis(u64::from(w.heartbeat_interval_ms.max(50)))
+        }
+        Some(Ok(Some(Message::Goodbye(g)))) => return goodbye(g.reason, g.message),
+        Some(Ok(Some(other))) => {
+            return Ok(Ended::Retry(format!(
+                "expected welcome, got {}",
+                other.kind()
+            )));
+        }
+        Some(Ok(None)) | None => {
+            return Ok(Ended::Retry(
+                "the broker closed the stream before welcome".into(),
+            ));
+        }
+        Some(Err(e)) => return Ok(Ended::Retry(format!("reading welcome: {e}"))),
+    };
+    let _ = state_tx.send(LinkState::Connected);
+    tracing::info!(broker = %config.broker, generation, "control link up");
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {
+                seq += 1;
+                let hb = lock(agent).heartbeat(generation, seq);
+                if let Err(e) = write_message(send, &Message::Heartbeat(hb), config.max_frame).await {
+                    return Ok(Ended::Retry(format!("send heartbeat: {e}")));
+                }
+            }
+            incoming = rx.recv() => {
+                let message = match incoming {
+                    Some(Ok(Some(m))) => m,
+                    Some(Ok(None)) | None => return Ok(Ended::Retry("the broker closed the stream".into())),
+                    Some(Err(e)) => return Ok(Ended::Retry(format!("receive: {e}"))),
+                };
+                if let Message::Goodbye(g) = message {
+                    return goodbye(g.reason, g.message);
+                }
+                if matches!(message, Message::Unknown) {
+                    tracing::debug!("ignoring a message type this build does not know");
+                    continue;
+                }
+                let replies = lock(agent).handle(message);
+                for reply in replies {
+                    if let Err(e) = write_message(send, &reply, config.max_frame).await {
+                        return Ok(Ended::Retry(format!("send reply: {e}")));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn goodbye(reason: GoodbyeReason, message: String) -> Result<Ended, LinkError> {
+    match reason {
+        GoodbyeReason::IncompatibleVersion
+        | GoodbyeReason::StaleGeneration
+        | GoodbyeReason::Unauthorized => Err(LinkError::Refused { reason, message }),
+        _ => Ok(Ended::Retry(format!(
+            "broker said goodbye ({reason:?}): {message}"
+        ))),
+    }
+}
+
+fn lock(agent: &Shared) -> std::sync::MutexGuard<'_, dyn AgentState + 'static> {
+    // The agent state's invariants do not depend on a critical section completing: a panic in
+    // a handler leaves it as the last completed call left it.
+    agent.lock().unwrap_or_else(PoisonError::into_inner)
+}
