@@ -2,10 +2,12 @@
 //!
 //! - [`inventory`]: what GPUs the host has (NVML or a simulated inventory);
 //! - [`encoder`]: NVENC encoder slots and the leases streams hold;
+//! - [`instances`]: warm game instances, their launch and limits;
 //! - [`vgpu`]: creating and removing vGPUs (simulated, Linux mdev) within each model's limits;
 //! - [`link`]: the QUIC control link to the broker, with mutual TLS.
 
 pub mod encoder;
+pub mod instances;
 pub mod inventory;
 pub mod link;
 pub mod vgpu;

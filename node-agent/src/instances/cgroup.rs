@@ -1,0 +1,157 @@
+//! CPU and memory limits for game instances through cgroup v2, where the host allows it.
+//!
+//! The agent places each instance in `<root>/<instance>` with `cpu.max` and `memory.max` set.
+//! `root` is a cgroup the operator delegates to the agent (systemd `Delegate=yes`); on a host
+//! without cgroup v2 there, instances run unlimited and the agent says so once.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Limits for one instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// CPU, thousandths of a core.
+    pub cpu_millicores: u32,
+    /// Memory, MiB.
+    pub memory_mb: u64,
+}
+
+/// The cgroup v2 subtree instances go into, if there is one.
+#[derive(Debug)]
+pub struct Cgroups {
+    root: Option<PathBuf>,
+    warned: AtomicBool,
+}
+
+/// The period `cpu.max` quotas are expressed against, µs.
+const PERIOD_US: u64 = 100_000;
+
+impl Cgroups {
+    /// The subtree at `root` if it is a cgroup v2 directory (it has `cgroup.controllers`).
+    pub fn detect(root: &Path) -> Self {
+        let v2 = root.join("cgroup.controllers").is_file();
+        if !v2 {
+            tracing::warn!(root = %root.display(), "no cgroup v2 subtree here: game instances run without CPU and memory limits");
+        }
+        Self {
+            root: v2.then(|| root.to_owned()),
+            warned: AtomicBool::new(!v2),
+        }
+    }
+
+    /// Whether limits are applied.
+    pub fn enabled(&self) -> bool {
+        self.root.is_some()
+    }
+
+    /// Puts process `pid` into a cgroup named `name` with `limits`. `Ok(false)` when cgroups
+    /// are not available (logged once).
+    pub fn place(&self, name: &str, pid: u32, limits: Limits) -> io::Result<bool> {
+        let Some(root) = &self.root else {
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!("cgroup v2 unavailable: instance limits not applied");
+            }
+            return Ok(false);
+        };
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad cgroup name {name:?}"),
+            ));
+        }
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let quota = u64::from(limits.cpu_millicores) * PERIOD_US / 1000;
+        std::fs::write(dir.join("cpu.max"), format!("{quota} {PERIOD_US}\n"))?;
+        std::fs::write(
+            dir.join("memory.max"),
+            format!("{}\n", limits.memory_mb.saturating_mul(1024 * 1024)),
+        )?;
+        std::fs::write(dir.join("cgroup.procs"), format!("{pid}\n"))?;
+        Ok(true)
+    }
+
+    /// Removes an instance's cgroup after it exited (the kernel refuses while processes remain).
+    pub fn remove(&self, name: &str) -> io::Result<()> {
+        match &self.root {
+            Some(root) if !name.is_empty() && !name.contains('/') => {
+                match std::fs::remove_dir(root.join(name)) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_are_written_where_cgroup_v2_is_delegated() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("cgroup.controllers"), "cpu memory\n").unwrap();
+        let cg = Cgroups::detect(root.path());
+        assert!(cg.enabled());
+        assert!(
+            cg.place(
+                "instance-7",
+                4242,
+                Limits {
+                    cpu_millicores: 1500,
+                    memory_mb: 4096
+                }
+            )
+            .unwrap()
+        );
+        let dir = root.path().join("instance-7");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("cpu.max")).unwrap(),
+            "150000 100000\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("memory.max")).unwrap(),
+            "4294967296\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("cgroup.procs")).unwrap(),
+            "4242\n"
+        );
+        assert!(
+            cg.place(
+                "../escape",
+                1,
+                Limits {
+                    cpu_millicores: 1,
+                    memory_mb: 1
+                }
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn without_cgroup_v2_instances_run_unlimited() {
+        let root = tempfile::tempdir().unwrap();
+        let cg = Cgroups::detect(root.path());
+        assert!(!cg.enabled());
+        assert!(
+            !cg.place(
+                "instance-1",
+                1,
+                Limits {
+                    cpu_millicores: 1000,
+                    memory_mb: 1
+                }
+            )
+            .unwrap()
+        );
+        assert!(
+            std::fs::read_dir(root.path()).unwrap().next().is_none(),
+            "nothing written"
+        );
+    }
+}

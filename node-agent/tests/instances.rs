@@ -1,0 +1,148 @@
+//! Game instances as real processes: their environment, exits, stops, and the synthetic game.
+
+// In a test, a failed unwrap is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::time::timeout;
+use uuid::Uuid;
+
+use framecast_agent::instances::cgroup::Cgroups;
+use framecast_agent::instances::launch::{LaunchSpec, launch};
+use framecast_shared::config::agent::AgentGameConfig;
+use framecast_shared::ids::{GameId, GpuId};
+use framecast_shared::tier::TierPreset;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn shell_game(script: &str, env: &[(&str, &str)]) -> AgentGameConfig {
+    AgentGameConfig {
+        id: GameId::new("shell").unwrap(),
+        command: Some(PathBuf::from("/bin/sh")),
+        args: vec!["-c".into(), script.into()],
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+        tiers: Vec::new(),
+    }
+}
+
+fn tier_720p() -> TierPreset {
+    TierPreset::defaults().remove(0)
+}
+
+fn no_cgroups() -> Cgroups {
+    Cgroups::detect(&std::env::temp_dir().join("framecast-no-cgroup-here"))
+}
+
+#[tokio::test]
+async fn an_instance_finds_its_gpu_vgpu_and_tier_in_its_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("env.txt");
+    let game = shell_game(
+        "env > \"$OUT_FILE\"",
+        &[("OUT_FILE", out.to_str().unwrap())],
+    );
+    let vgpu = Uuid::new_v4();
+    let gpu = GpuId::new("GPU-8f0c2a4e-1d2b-4c3d-9e8f-0a1b2c3d4e5f").unwrap();
+    let spec = LaunchSpec::new("instance-1".into(), &game, &tier_720p(), &gpu, Some(vgpu));
+    let mut running = launch(&spec, &no_cgroups()).unwrap();
+    let exit = timeout(LIMIT, running.wait()).await.unwrap();
+    assert_eq!(exit.code, Some(0));
+    let env = std::fs::read_to_string(&out).unwrap();
+    for line in [
+        format!("FRAMECAST_GPU={gpu}"),
+        format!("FRAMECAST_VGPU={vgpu}"),
+        format!("CUDA_VISIBLE_DEVICES={gpu}"),
+        "FRAMECAST_TIER=720p".to_owned(),
+        "FRAMECAST_WIDTH=1280".to_owned(),
+        "FRAMECAST_FRAMEBUFFER_MB=2048".to_owned(),
+    ] {
+        assert!(
+            env.lines().any(|l| l == line),
+            "{line} missing from:\n{env}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_crash_reports_its_exit_code() {
+    let spec = LaunchSpec::new(
+        "instance-2".into(),
+        &shell_game("exit 3", &[]),
+        &tier_720p(),
+        &GpuId::new("sim-0").unwrap(),
+        None,
+    );
+    let mut running = launch(&spec, &no_cgroups()).unwrap();
+    assert_eq!(timeout(LIMIT, running.wait()).await.unwrap().code, Some(3));
+}
+
+#[tokio::test]
+async fn a_stopped_instance_is_killed() {
+    let spec = LaunchSpec::new(
+        "instance-3".into(),
+        &shell_game("sleep 600", &[]),
+        &tier_720p(),
+        &GpuId::new("sim-0").unwrap(),
+        None,
+    );
+    let mut running = launch(&spec, &no_cgroups()).unwrap();
+    assert!(running.pid().is_some());
+    running.stop().await;
+    assert_eq!(
+        timeout(LIMIT, running.wait()).await.unwrap().code,
+        None,
+        "ended by a signal"
+    );
+}
+
+#[tokio::test]
+async fn the_synthetic_game_runs_until_stopped() {
+    let mut game = shell_game("", &[]);
+    game.command = None;
+    let spec = LaunchSpec::new(
+        "instance-4".into(),
+        &game,
+        &tier_720p(),
+        &GpuId::new("sim-0").unwrap(),
+        None,
+    );
+    let mut running = launch(&spec, &no_cgroups()).unwrap();
+    assert!(running.pid().is_none());
+    assert!(
+        timeout(Duration::from_millis(50), running.wait())
+            .await
+            .is_err(),
+        "still running"
+    );
+    running.stop().await;
+    assert_eq!(timeout(LIMIT, running.wait()).await.unwrap().code, Some(0));
+}
+
+#[tokio::test]
+async fn a_missing_program_is_a_launch_error() {
+    let mut game = shell_game("", &[]);
+    game.command = Some(PathBuf::from("/nonexistent/game"));
+    let spec = LaunchSpec::new(
+        "instance-5".into(),
+        &game,
+        &tier_720p(),
+        &GpuId::new("sim-0").unwrap(),
+        None,
+    );
+    let err = launch(&spec, &no_cgroups()).unwrap_err();
+    assert!(
+        err.to_string().starts_with("launching instance-5:"),
+        "{err}"
+    );
+}
