@@ -9,50 +9,29 @@
     clippy::indexing_slicing
 )]
 
-use std::time::Duration;
+mod common;
 
 use framecast_broker::placement::strategy::{self, GenreWeighted};
 use framecast_broker::placement::{
-    Decision, Engine, EngineConfig, EngineEvent, Fallback, PlaceRequest, Placement, Priority,
-    ReconcileOutcome, RegionRtt, RejectReason, simulated,
+    Decision, Engine, EngineEvent, Fallback, PlaceRequest, Priority, ReconcileOutcome, RegionRtt,
+    RejectReason, simulated,
 };
 use framecast_shared::genre::GenreProfile;
 use framecast_shared::gpu::{GpuMode, GpuSpec, models};
-use framecast_shared::ids::{
-    GameId, GenreName, GpuId, NodeId, RegionName, SessionId, TenantId, TierName,
-};
+use framecast_shared::ids::{GameId, GenreName, GpuId, NodeId, RegionName, TenantId, TierName};
 use framecast_shared::protocol::{Hello, RunningSession, WarmInstance};
 use framecast_shared::state::{EndReason, NodeState, SessionState};
-use framecast_shared::tier::{Codec, TierPreset};
-use framecast_shared::time::Timestamp;
+use framecast_shared::tier::Codec;
 use framecast_shared::units::EncoderUnits;
 
-const T0: Timestamp = Timestamp::from_millis(1_800_000_000_000);
-
-fn at(s: u64) -> Timestamp {
-    T0.saturating_add(Duration::from_secs(s))
-}
-
-fn sid(n: u128) -> SessionId {
-    SessionId::new(T0, n)
-}
+use common::{T0, at, engine_with, placed, sid};
 
 fn engine() -> Engine {
-    Engine::new(
-        TierPreset::defaults(),
-        GenreProfile::defaults(),
-        EngineConfig::default(),
-        Box::new(GenreWeighted::default()),
-    )
+    engine_with(Box::new(GenreWeighted::default()), GenreProfile::defaults())
 }
 
 fn first_fit() -> Engine {
-    Engine::new(
-        TierPreset::defaults(),
-        GenreProfile::defaults(),
-        EngineConfig::default(),
-        Box::new(strategy::FirstFit),
-    )
+    engine_with(Box::new(strategy::FirstFit), GenreProfile::defaults())
 }
 
 fn req(n: u128, tier: &str, genre: &str, rtt: u32, queue: bool) -> PlaceRequest {
@@ -96,13 +75,6 @@ fn warm(gpu: &str, slot: u32, game: &str, tier: &str) -> WarmInstance {
 
 fn hello(spec: &GpuSpec, mode: GpuMode, gpus: usize, generation: u64) -> Hello {
     simulated::hello("n1", "eu", spec, mode, gpus, generation).unwrap()
-}
-
-fn placed(d: Decision) -> Placement {
-    match d {
-        Decision::Placed(p) => p,
-        other => panic!("expected a placement, got {other:?}"),
-    }
 }
 
 fn applied(out: ReconcileOutcome) -> (usize, usize, usize) {

@@ -8,12 +8,12 @@
     clippy::indexing_slicing
 )]
 
-use std::time::Duration;
+mod common;
 
 use framecast_broker::placement::strategy::{self, GenreWeighted};
 use framecast_broker::placement::{
-    Decision, Engine, EngineConfig, EngineEvent, Fallback, PlaceRequest, Placement, Priority,
-    ReconcileOutcome, RegionRtt, RejectReason, simulated,
+    Decision, Engine, EngineEvent, Fallback, PlaceRequest, Priority, ReconcileOutcome, RegionRtt,
+    RejectReason, simulated,
 };
 use framecast_shared::genre::{GenreProfile, PlacementStrategy};
 use framecast_shared::gpu::{GpuMode, GpuSpec, models};
@@ -22,15 +22,10 @@ use framecast_shared::ids::{
 };
 use framecast_shared::protocol::{Hello, RunningSession, WarmInstance};
 use framecast_shared::state::{EndReason, NodeState, SessionState};
-use framecast_shared::tier::{Codec, TierPreset};
-use framecast_shared::time::Timestamp;
+use framecast_shared::tier::Codec;
 use framecast_shared::units::EncoderUnits;
 
-const T0: Timestamp = Timestamp::from_millis(1_800_000_000_000);
-
-fn at(secs: u64) -> Timestamp {
-    T0.saturating_add(Duration::from_secs(secs))
-}
+use common::{T0, at, events, placed, sid};
 
 fn genres() -> Vec<GenreProfile> {
     let mut g = GenreProfile::defaults();
@@ -44,17 +39,8 @@ fn genres() -> Vec<GenreProfile> {
     g
 }
 
-fn engine_with(strategy: Box<dyn strategy::Strategy>) -> Engine {
-    Engine::new(
-        TierPreset::defaults(),
-        genres(),
-        EngineConfig::default(),
-        strategy,
-    )
-}
-
 fn engine() -> Engine {
-    engine_with(Box::new(GenreWeighted::default()))
+    common::engine_with(Box::new(GenreWeighted::default()), genres())
 }
 
 fn add_node(e: &mut Engine, node: &str, region: &str, spec: &GpuSpec, mode: GpuMode, gpus: usize) {
@@ -109,21 +95,6 @@ impl Req {
             queue: self.queue,
         }
     }
-}
-
-fn sid(seq: u128) -> SessionId {
-    SessionId::new(T0, seq)
-}
-
-fn placed(d: Decision) -> Placement {
-    match d {
-        Decision::Placed(p) => p,
-        other => panic!("expected a placement, got {other:?}"),
-    }
-}
-
-fn events(e: &mut Engine) -> Vec<EngineEvent> {
-    std::iter::from_fn(|| e.poll_event()).collect()
 }
 
 #[test]
@@ -905,7 +876,7 @@ fn explain_lists_the_candidates_and_the_terms_of_each_score() {
 
 #[test]
 fn the_exclusive_baseline_gives_each_player_a_whole_gpu() {
-    let mut e = engine_with(strategy::by_name("exclusive", 0).unwrap());
+    let mut e = common::engine_with(strategy::by_name("exclusive", 0).unwrap(), genres());
     add_node(&mut e, "n1", "eu", &models::l4(), GpuMode::EqualSize, 2);
     let a = placed(e.place(Req::new(1, "720p", "rpg").build(), T0));
     let b = placed(e.place(Req::new(2, "720p", "rpg").build(), T0));
@@ -923,7 +894,7 @@ fn the_exclusive_baseline_gives_each_player_a_whole_gpu() {
 #[test]
 fn every_baseline_places_and_releases_consistently() {
     for name in strategy::NAMES {
-        let mut e = engine_with(strategy::by_name(name, 7).unwrap());
+        let mut e = common::engine_with(strategy::by_name(name, 7).unwrap(), genres());
         add_node(&mut e, "n1", "eu", &models::l4(), GpuMode::EqualSize, 3);
         let mut placed_count = 0;
         for i in 0..40 {
