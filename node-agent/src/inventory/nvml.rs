@@ -162,7 +162,7 @@ fn spec_from_nvml(
             let fb = FramebufferSize::new(t.framebuffer.get() / 64 * 64).ok()?;
             let max_instances = u16::try_from(t.max_instances).unwrap_or(u16::MAX);
             Some(VgpuProfile {
-                id: t.name.clone(),
+                id: crate::vgpu::bare_type_name(&t.name).to_owned(),
                 framebuffer: fb,
                 compute_share: ComputeShare::from_fraction(1, u32::from(max_instances)),
                 class: match t.class.to_ascii_lowercase().as_str() {
@@ -233,7 +233,7 @@ mod tests {
             sessions: Some(0),
         };
         let vgpu = vec![VgpuTypeFacts {
-            name: "X-4Q".into(),
+            name: "NVIDIA X-4Q".into(),
             class: "Quadro".into(),
             framebuffer: Megabytes::new(4096),
             max_instances: 6,

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
-use super::{GpuHandle, Vgpu, VgpuBackend, VgpuError, VgpuType};
+use super::{GpuHandle, Vgpu, VgpuBackend, VgpuError, VgpuType, bare_type_name};
 
 /// File operations on a sysfs tree.
 pub trait Sysfs: Send + Sync {
@@ -58,9 +58,12 @@ impl Sysfs for RealSysfs {
     }
 }
 
-/// The mdev backend.
+/// The mdev backend. It adopts, and a pool plan may remove, only the vGPUs it created itself:
+/// their UUIDs are recorded in a registry directory (in the agent's data directory), so mdevs an
+/// operator made for other uses on the same GPU are left alone.
 pub struct MdevBackend {
     root: PathBuf,
+    registry: PathBuf,
     fs: Box<dyn Sysfs>,
 }
 
@@ -73,17 +76,36 @@ impl std::fmt::Debug for MdevBackend {
 }
 
 impl MdevBackend {
-    /// A backend on the real sysfs mounted at `root` (`/sys`).
-    pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self::with_fs(root, Box::new(RealSysfs))
+    /// A backend on the real sysfs mounted at `root` (`/sys`), recording its vGPUs in
+    /// `registry`.
+    pub fn new(root: impl Into<PathBuf>, registry: impl Into<PathBuf>) -> Self {
+        Self::with_fs(root, registry, Box::new(RealSysfs))
     }
 
-    /// A backend whose file access goes through `fs`.
-    pub fn with_fs(root: impl Into<PathBuf>, fs: Box<dyn Sysfs>) -> Self {
+    /// A backend whose sysfs access goes through `fs`.
+    pub fn with_fs(
+        root: impl Into<PathBuf>,
+        registry: impl Into<PathBuf>,
+        fs: Box<dyn Sysfs>,
+    ) -> Self {
         Self {
             root: root.into(),
+            registry: registry.into(),
             fs,
         }
+    }
+
+    fn record(&self, uuid: Uuid, type_id: &str) -> io::Result<()> {
+        std::fs::create_dir_all(&self.registry)?;
+        std::fs::write(self.registry.join(uuid.hyphenated().to_string()), type_id)
+    }
+
+    fn recorded(&self, uuid: Uuid) -> bool {
+        self.registry.join(uuid.hyphenated().to_string()).is_file()
+    }
+
+    fn forget(&self, uuid: Uuid) {
+        let _ = std::fs::remove_file(self.registry.join(uuid.hyphenated().to_string()));
     }
 
     fn types_dir(&self, gpu: &GpuHandle) -> Result<PathBuf, VgpuError> {
@@ -111,14 +133,6 @@ impl MdevBackend {
             detail: detail.to_string(),
         }
     }
-}
-
-/// A type name without the vendor prefix drivers put on it (`GRID T4-1Q`, `NVIDIA L4-4Q`).
-fn bare(name: &str) -> &str {
-    let name = name.trim();
-    name.strip_prefix("NVIDIA ")
-        .or_else(|| name.strip_prefix("GRID "))
-        .unwrap_or(name)
 }
 
 impl VgpuBackend for MdevBackend {
@@ -171,6 +185,7 @@ impl VgpuBackend for MdevBackend {
                 devices
                     .iter()
                     .filter_map(|d| Uuid::parse_str(d).ok())
+                    .filter(|u| self.recorded(*u))
                     .map(|uuid| Vgpu {
                         uuid,
                         gpu: gpu.id.clone(),
@@ -185,7 +200,7 @@ impl VgpuBackend for MdevBackend {
         let t = self
             .types(gpu)?
             .into_iter()
-            .find(|t| bare(&t.name) == bare(name))
+            .find(|t| bare_type_name(&t.name) == bare_type_name(name))
             .ok_or_else(|| VgpuError::UnknownType {
                 gpu: gpu.id.clone(),
                 name: name.to_owned(),
@@ -207,6 +222,11 @@ impl VgpuBackend for MdevBackend {
                 format!("the kernel accepted {uuid} but no device appeared"),
             ));
         }
+        if let Err(e) = self.record(uuid, &t.id) {
+            // Unrecorded, it would be orphaned at the next restart: take it back now.
+            let _ = self.fs.write(&self.device_dir(uuid).join("remove"), "1");
+            return Err(Self::io(gpu, "recording the vGPU", e));
+        }
         tracing::info!(gpu = %gpu.id, %uuid, type_id = %t.id, "created mdev vGPU");
         Ok(Vgpu {
             uuid,
@@ -218,6 +238,7 @@ impl VgpuBackend for MdevBackend {
     fn remove(&mut self, gpu: &GpuHandle, vgpu: &Vgpu) -> Result<(), VgpuError> {
         let dir = self.device_dir(vgpu.uuid);
         if !self.fs.exists(&dir) {
+            self.forget(vgpu.uuid);
             return Err(VgpuError::NotFound(vgpu.uuid));
         }
         self.fs
@@ -327,7 +348,7 @@ mod tests {
             .join(PCI)
             .join("mdev_supported_types");
         for (id, name, available) in [
-            ("nvidia-558", "NVIDIA L4-4Q", 6),
+            ("nvidia-558", "NVIDIA L4-4Q", 20),
             ("nvidia-557", "NVIDIA L4-2Q", 0),
             ("nvidia-560", "NVIDIA L4-8Q", 3),
         ] {
@@ -349,13 +370,11 @@ mod tests {
     }
 
     fn backend(root: &Path) -> MdevBackend {
-        MdevBackend::with_fs(
-            root,
-            Box::new(FakeKernel {
-                root: root.to_owned(),
-                failing: vec!["nvidia-560"],
-            }),
-        )
+        let kernel = FakeKernel {
+            root: root.to_owned(),
+            failing: vec!["nvidia-560"],
+        };
+        MdevBackend::with_fs(root, root.join("agent-data/vgpus"), Box::new(kernel))
     }
 
     #[test]
@@ -370,7 +389,7 @@ mod tests {
             summary,
             [
                 ("nvidia-557", "NVIDIA L4-2Q", 0),
-                ("nvidia-558", "NVIDIA L4-4Q", 6),
+                ("nvidia-558", "NVIDIA L4-4Q", 20),
                 ("nvidia-560", "NVIDIA L4-8Q", 3)
             ]
         );
@@ -393,10 +412,10 @@ mod tests {
             .join("class/mdev_bus")
             .join(PCI)
             .join("mdev_supported_types/nvidia-558/available_instances");
-        assert_eq!(fs::read_to_string(&avail).unwrap().trim(), "5");
+        assert_eq!(fs::read_to_string(&avail).unwrap().trim(), "19");
         pool.remove(&gpu().id, v.uuid).unwrap();
         assert!(!dev.exists());
-        assert_eq!(fs::read_to_string(&avail).unwrap().trim(), "6");
+        assert_eq!(fs::read_to_string(&avail).unwrap().trim(), "20");
         assert!(pool.vgpus(&gpu().id).is_empty());
     }
 
@@ -438,7 +457,7 @@ mod tests {
     fn a_create_the_kernel_accepts_without_a_device_is_an_error() {
         // Plain files, no kernel behind them: the write succeeds and nothing appears.
         let root = tree();
-        let mut plain = MdevBackend::new(root.path());
+        let mut plain = MdevBackend::new(root.path(), root.path().join("agent-data/vgpus"));
         let err = plain
             .create(&gpu(), "NVIDIA L4-4Q", Uuid::new_v4())
             .unwrap_err()
@@ -458,18 +477,31 @@ mod tests {
                 pool.create(&gpu().id, "L4-4Q").unwrap(),
             ]
         };
+        // An operator's own mdev on the same GPU, made without the agent: not adopted.
+        let create = root
+            .path()
+            .join("class/mdev_bus")
+            .join(PCI)
+            .join("mdev_supported_types/nvidia-558/create");
+        let kernel = FakeKernel {
+            root: root.path().to_owned(),
+            failing: Vec::new(),
+        };
+        kernel.write(&create, &Uuid::new_v4().to_string()).unwrap();
         let mut pool = VgpuPool::new(Box::new(backend(root.path())));
         assert_eq!(
             pool.add_gpu(gpu(), models::l4(), GpuMode::EqualSize)
                 .unwrap(),
-            2
+            2,
+            "only the agent's own"
         );
         let mut found: Vec<Uuid> = pool.vgpus(&gpu().id).iter().map(|v| v.uuid).collect();
         found.sort();
         let mut expected: Vec<Uuid> = created.iter().map(|v| v.uuid).collect();
         expected.sort();
         assert_eq!(found, expected);
-        // The adopted vGPUs count against the limits: 4 more 4Q fit, not 6.
+        // The adopted vGPUs count against the pool's limits (L4-4Q: 6 per GPU), though the
+        // kernel would create more: 4 more fit, not 6.
         for _ in 0..4 {
             pool.create(&gpu().id, "L4-4Q").unwrap();
         }
@@ -485,5 +517,56 @@ mod tests {
             pci: None,
         };
         assert!(matches!(b.types(&no_pci), Err(VgpuError::NoPci(_))));
+    }
+
+    #[test]
+    fn a_vgpu_removed_behind_the_agents_back_leaves_the_books() {
+        let root = tree();
+        let mut pool = VgpuPool::new(Box::new(backend(root.path())));
+        pool.add_gpu(gpu(), models::l4(), GpuMode::EqualSize)
+            .unwrap();
+        let v = pool.create(&gpu().id, "L4-4Q").unwrap();
+        fs::remove_dir_all(
+            root.path()
+                .join("bus/mdev/devices")
+                .join(v.uuid.to_string()),
+        )
+        .unwrap();
+        pool.remove(&gpu().id, v.uuid).unwrap();
+        assert!(pool.vgpus(&gpu().id).is_empty());
+        assert!(
+            !root
+                .path()
+                .join("agent-data/vgpus")
+                .join(v.uuid.to_string())
+                .exists()
+        );
+    }
+
+    #[test]
+    fn grid_named_types_are_found_again_after_a_restart() {
+        let root = tempfile::tempdir().unwrap();
+        let t = root
+            .path()
+            .join("class/mdev_bus")
+            .join(PCI)
+            .join("mdev_supported_types/nvidia-222");
+        fs::create_dir_all(t.join("devices")).unwrap();
+        fs::write(t.join("name"), "GRID T4-4Q\n").unwrap();
+        fs::write(t.join("available_instances"), "4\n").unwrap();
+        fs::write(t.join("create"), "").unwrap();
+        fs::create_dir_all(root.path().join("bus/mdev/devices")).unwrap();
+        {
+            let mut pool = VgpuPool::new(Box::new(backend(root.path())));
+            pool.add_gpu(gpu(), models::t4(), GpuMode::EqualSize)
+                .unwrap();
+            pool.create(&gpu().id, "T4-4Q").unwrap();
+        }
+        let mut pool = VgpuPool::new(Box::new(backend(root.path())));
+        assert_eq!(
+            pool.add_gpu(gpu(), models::t4(), GpuMode::EqualSize)
+                .unwrap(),
+            1
+        );
     }
 }

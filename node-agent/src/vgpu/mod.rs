@@ -204,11 +204,16 @@ impl VgpuPool {
         Ok(vgpu)
     }
 
-    /// Removes a vGPU the pool created or adopted.
+    /// Removes a vGPU the pool created or adopted. One that is already gone (removed behind
+    /// the agent's back) leaves the books too.
     pub fn remove(&mut self, gpu: &GpuId, uuid: Uuid) -> Result<(), VgpuError> {
         let g = self.gpus.get_mut(gpu).ok_or(VgpuError::NotFound(uuid))?;
         let (vgpu, _) = g.vgpus.get(&uuid).ok_or(VgpuError::NotFound(uuid))?;
-        self.backend.remove(&g.handle, vgpu)?;
+        match self.backend.remove(&g.handle, vgpu) {
+            Ok(()) => {}
+            Err(VgpuError::NotFound(_)) => tracing::warn!(%gpu, %uuid, "vGPU was already gone"),
+            Err(e) => return Err(e),
+        }
         g.vgpus.remove(&uuid);
         Ok(())
     }
@@ -252,13 +257,21 @@ impl VgpuPool {
     }
 }
 
-/// The profile of `spec` in `mode` whose id is `name`, or whose id follows the driver's
-/// `NVIDIA ` prefix (`NVIDIA L4-4Q` names the `L4-4Q` profile).
+/// The profile of `spec` in `mode` that a driver's type name (`NVIDIA L4-4Q`, `GRID T4-1Q`, or
+/// the bare `L4-4Q`) names.
 fn profile_named<'a>(spec: &'a GpuSpec, mode: GpuMode, name: &str) -> Option<&'a VgpuProfile> {
-    let short = name.strip_prefix("NVIDIA ").unwrap_or(name);
     spec.profiles(mode)
         .iter()
-        .find(|p| p.id == name || p.id == short)
+        .find(|p| bare_type_name(&p.id) == bare_type_name(name))
+}
+
+/// A vGPU type name without the vendor prefix drivers put on it: `NVIDIA L4-4Q` and
+/// `GRID T4-1Q` become `L4-4Q` and `T4-1Q`.
+pub fn bare_type_name(name: &str) -> &str {
+    let name = name.trim();
+    name.strip_prefix("NVIDIA ")
+        .or_else(|| name.strip_prefix("GRID "))
+        .unwrap_or(name)
 }
 
 /// The name the driver gives the profile's type (`NVIDIA L4-4Q`).
@@ -374,6 +387,20 @@ mod tests {
         }
         let err = pool.create(&gpu, "L4-2Q").unwrap_err().to_string();
         assert!(err.contains("exceed the GPU's 24576 MB"), "{err}");
+    }
+
+    #[test]
+    fn an_equal_size_gpu_takes_a_second_profile_only_when_empty() {
+        let (mut pool, gpu) = pool(GpuMode::EqualSize);
+        let v = pool.create(&gpu, "L4-4Q").unwrap();
+        // 4 GB + 2 GB would fit the framebuffer: only the one-profile rule refuses it.
+        let err = pool.create(&gpu, "L4-2Q").unwrap_err().to_string();
+        assert!(
+            err.contains("equal-size GPU holds L4-4Q; it takes L4-2Q only when empty"),
+            "{err}"
+        );
+        pool.remove(&gpu, v.uuid).unwrap();
+        pool.create(&gpu, "L4-2Q").unwrap();
     }
 
     #[test]
