@@ -59,6 +59,11 @@ async fn an_instance_finds_its_gpu_vgpu_and_tier_in_its_environment() {
     let exit = timeout(LIMIT, running.wait()).await.unwrap();
     assert_eq!(exit.code, Some(0));
     let env = std::fs::read_to_string(&out).unwrap();
+    // The agent's own environment stays out, but for a short allow-list.
+    if std::env::var_os("CARGO_MANIFEST_DIR").is_some() {
+        assert!(!env.contains("CARGO_MANIFEST_DIR="), "{env}");
+    }
+    assert!(env.lines().any(|l| l.starts_with("PATH=")), "{env}");
     for line in [
         format!("FRAMECAST_GPU={gpu}"),
         format!("FRAMECAST_VGPU={vgpu}"),
@@ -145,4 +150,52 @@ async fn a_missing_program_is_a_launch_error() {
         err.to_string().starts_with("launching instance-5:"),
         "{err}"
     );
+}
+
+/// Whether process `pid` is gone (or a zombie waiting to be reaped).
+fn dead(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[tokio::test]
+async fn stopping_an_instance_stops_what_it_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("child.pid");
+    let script = "sleep 600 & echo $! > \"$OUT_FILE\"; wait";
+    let spec = LaunchSpec::new(
+        "instance-6".into(),
+        &shell_game(script, &[("OUT_FILE", out.to_str().unwrap())]),
+        &tier_720p(),
+        &GpuId::new("sim-0").unwrap(),
+        None,
+    );
+    let mut running = launch(&spec, &no_cgroups()).unwrap();
+    let child: u32 = timeout(LIMIT, async {
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&out)
+                && let Ok(pid) = text.trim().parse()
+            {
+                return pid;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!dead(child));
+    running.stop().await;
+    timeout(LIMIT, running.wait()).await.unwrap();
+    timeout(LIMIT, async {
+        while !dead(child) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the game's child outlived the stop");
 }

@@ -33,6 +33,9 @@ impl Cgroups {
         let v2 = root.join("cgroup.controllers").is_file();
         if !v2 {
             tracing::warn!(root = %root.display(), "no cgroup v2 subtree here: game instances run without CPU and memory limits");
+        } else if let Err(e) = std::fs::write(root.join("cgroup.subtree_control"), "+cpu +memory") {
+            // Without the controllers enabled for children, cpu.max and memory.max do not exist.
+            tracing::warn!(root = %root.display(), error = %e, "could not enable the cpu and memory controllers");
         }
         Self {
             root: v2.then(|| root.to_owned()),
@@ -54,15 +57,11 @@ impl Cgroups {
             }
             return Ok(false);
         };
-        if name.is_empty() || name.contains('/') || name.starts_with('.') {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("bad cgroup name {name:?}"),
-            ));
-        }
+        check_name(name)?;
         let dir = root.join(name);
         std::fs::create_dir_all(&dir)?;
-        let quota = u64::from(limits.cpu_millicores) * PERIOD_US / 1000;
+        // The kernel refuses quotas under 1 ms.
+        let quota = (u64::from(limits.cpu_millicores) * PERIOD_US / 1000).max(1000);
         std::fs::write(dir.join("cpu.max"), format!("{quota} {PERIOD_US}\n"))?;
         std::fs::write(
             dir.join("memory.max"),
@@ -74,16 +73,26 @@ impl Cgroups {
 
     /// Removes an instance's cgroup after it exited (the kernel refuses while processes remain).
     pub fn remove(&self, name: &str) -> io::Result<()> {
-        match &self.root {
-            Some(root) if !name.is_empty() && !name.contains('/') => {
-                match std::fs::remove_dir(root.join(name)) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-                    _ => Ok(()),
-                }
-            }
+        let Some(root) = &self.root else {
+            return Ok(());
+        };
+        check_name(name)?;
+        match std::fs::remove_dir(root.join(name)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
     }
+}
+
+/// An instance's cgroup is one plain directory below the root: no separators, no dot names.
+fn check_name(name: &str) -> io::Result<()> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad cgroup name {name:?}"),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -130,6 +139,26 @@ mod tests {
                 }
             )
             .is_err()
+        );
+        assert!(cg.remove("..").is_err());
+        assert!(
+            cg.place(
+                "tiny",
+                1,
+                Limits {
+                    cpu_millicores: 1,
+                    memory_mb: 1
+                }
+            )
+            .unwrap()
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.path().join("tiny/cpu.max")).unwrap(),
+            "1000 100000\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.path().join("cgroup.subtree_control")).unwrap(),
+            "+cpu +memory"
         );
     }
 

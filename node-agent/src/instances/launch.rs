@@ -58,6 +58,19 @@ impl LaunchSpec {
     }
 }
 
+/// Variables of the agent's own environment a game may see; everything else (the agent's
+/// `FRAMECAST_*` settings, credentials) stays out.
+pub const PASSED_THROUGH: [&str; 8] = [
+    "PATH",
+    "HOME",
+    "USER",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "TMPDIR",
+    "XDG_RUNTIME_DIR",
+];
+
 /// The variables an instance finds in its environment.
 pub fn instance_env(
     gpu: &GpuId,
@@ -153,9 +166,16 @@ pub fn launch(spec: &LaunchSpec, cgroups: &Cgroups) -> Result<Running, LaunchErr
             Kind::Synthetic(Some(stop_tx), done_rx)
         }
         Some(program) => {
+            let inherited = PASSED_THROUGH
+                .iter()
+                .filter_map(|k| std::env::var_os(k).map(|v| (*k, v)));
             let child = Command::new(program)
                 .args(&spec.args)
+                .env_clear()
+                .envs(inherited)
                 .envs(&spec.env)
+                // Its own process group, so stopping it stops everything it started.
+                .process_group(0)
                 .stdin(Stdio::null())
                 .kill_on_drop(true)
                 .spawn()
@@ -207,9 +227,20 @@ impl Running {
     /// Asks the instance to stop (the process is killed; the synthetic game ends).
     pub async fn stop(&mut self) {
         match &mut self.kind {
-            Kind::Process(child) => {
-                let _ = child.start_kill();
-            }
+            Kind::Process(child) => match child.id().and_then(|pid| i32::try_from(pid).ok()) {
+                Some(pgid) => {
+                    if let Err(e) = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pgid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    ) {
+                        tracing::warn!(instance = %self.name, error = %e, "could not kill the process group");
+                        let _ = child.start_kill();
+                    }
+                }
+                None => {
+                    let _ = child.start_kill();
+                }
+            },
             Kind::Synthetic(stop, _) => {
                 if let Some(tx) = stop.take() {
                     let _ = tx.send(());

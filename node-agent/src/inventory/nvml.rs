@@ -116,12 +116,15 @@ impl Inventory for NvmlInventory {
             .nvml
             .device_count()
             .map_err(|e| InventoryError::Nvml(e.to_string()))?;
-        (0..count)
-            .map(|i| {
-                self.device(i)
-                    .map_err(|e| InventoryError::Nvml(format!("device {i}: {e}")))
-            })
-            .collect()
+        // One GPU that fails to answer (lost, no permission) must not hide the others.
+        let mut gpus = Vec::new();
+        for i in 0..count {
+            match self.device(i) {
+                Ok(gpu) => gpus.push(gpu),
+                Err(e) => tracing::warn!(device = i, error = %e, "skipping a GPU NVML cannot read"),
+            }
+        }
+        Ok(gpus)
     }
 }
 

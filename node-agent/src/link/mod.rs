@@ -100,6 +100,27 @@ enum Ended {
 
 type Shared = Arc<Mutex<dyn AgentState>>;
 
+/// QUIC keep-alive interval.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// A frame the broker does not take within this long means the link is stuck.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Writes a message, bounded by [`WRITE_TIMEOUT`].
+async fn send_bounded(
+    send: &mut quinn::SendStream,
+    message: &Message,
+    max_frame: u32,
+) -> Result<(), String> {
+    match tokio::time::timeout(WRITE_TIMEOUT, write_message(send, message, max_frame)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "the broker took no data for {} s",
+            WRITE_TIMEOUT.as_secs()
+        )),
+    }
+}
+
 /// Runs the link until the broker refuses the agent or `shutdown` turns true. The state is
 /// published on `state_tx`.
 pub async fn run(
@@ -113,14 +134,18 @@ pub async fn run(
     let mut delay = config.backoff_min;
     loop {
         let _ = state_tx.send(LinkState::Connecting);
+        let mut welcomed_at = None;
         let outcome = tokio::select! {
-            r = session(&endpoint, &config, &agent, generation, &state_tx) => r,
+            r = session(&endpoint, &config, &agent, generation, &state_tx, &mut welcomed_at) => r,
             _ = shutdown.changed() => Ok(Ended::Shutdown),
         };
         match outcome {
             Ok(Ended::Shutdown) => {
                 let _ = state_tx.send(LinkState::Stopped);
+                // A QUIC close with reason "shutdown" tells the broker this is a clean exit;
+                // wait briefly so the close frame leaves.
                 endpoint.close(0u32.into(), b"shutdown");
+                let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
                 return Ok(());
             }
             Err(fatal) => {
@@ -128,11 +153,14 @@ pub async fn run(
                 return Err(fatal);
             }
             Ok(Ended::Retry(error)) => {
-                tracing::warn!(%error, retry_in_ms = delay.as_millis(), "control link down");
-                let connected_before = matches!(*state_tx.borrow(), LinkState::Connected);
-                if connected_before {
+                // Only a link that stayed up a while earns a fresh start; a broker that welcomes
+                // and drops at once is retried ever more slowly.
+                if welcomed_at
+                    .is_some_and(|t: std::time::Instant| t.elapsed() >= config.backoff_max)
+                {
                     delay = config.backoff_min;
                 }
+                tracing::warn!(%error, retry_in_ms = delay.as_millis(), "control link down");
                 let _ = state_tx.send(LinkState::Backoff { error });
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -156,7 +184,13 @@ fn client_endpoint(config: &LinkConfig) -> Result<quinn::Endpoint, LinkError> {
     let mut endpoint = quinn::Endpoint::client(bind).map_err(LinkError::Socket)?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::clone(&config.tls))
         .map_err(|e| LinkError::Tls(e.to_string()))?;
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    // Keep-alives hold the connection open whatever heartbeat interval the broker asks for
+    // (quinn's idle timeout is 30 s).
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    client.transport_config(Arc::new(transport));
+    endpoint.set_default_client_config(client);
     Ok(endpoint)
 }
 
@@ -167,6 +201,7 @@ async fn session(
     agent: &Shared,
     generation: u64,
     state_tx: &watch::Sender<LinkState>,
+    welcomed_at: &mut Option<std::time::Instant>,
 ) -> Result<Ended, LinkError> {
     let retry = |what: &str, e: &dyn std::fmt::Display| Ok(Ended::Retry(format!("{what}: {e}")));
     let connecting = match endpoint.connect(config.broker, &config.server_name) {
@@ -182,7 +217,7 @@ async fn session(
         Err(e) => return retry("open stream", &e),
     };
     let hello = lock(agent).hello(generation);
-    if let Err(e) = write_message(&mut send, &Message::Hello(hello), config.max_frame).await {
+    if let Err(e) = send_bounded(&mut send, &Message::Hello(hello), config.max_frame).await {
         return retry("send hello", &e);
     }
 
@@ -199,7 +234,16 @@ async fn session(
             }
         }
     });
-    let ended = converse(&mut send, &mut rx, config, agent, generation, state_tx).await;
+    let ended = converse(
+        &mut send,
+        &mut rx,
+        config,
+        agent,
+        generation,
+        state_tx,
+        welcomed_at,
+    )
+    .await;
     reader.abort();
     conn.close(0u32.into(), b"bye");
     ended
@@ -212,6 +256,7 @@ async fn converse(
     agent: &Shared,
     generation: u64,
     state_tx: &watch::Sender<LinkState>,
+    welcomed_at: &mut Option<std::time::Instant>,
 ) -> Result<Ended, LinkError> {
     let interval = match rx.recv().await {
         Some(Ok(Some(Message::Welcome(w)))) => {
@@ -239,6 +284,7 @@ async fn converse(
         Some(Err(e)) => return Ok(Ended::Retry(format!("reading welcome: {e}"))),
     };
     let _ = state_tx.send(LinkState::Connected);
+    *welcomed_at = Some(std::time::Instant::now());
     tracing::info!(broker = %config.broker, generation, "control link up");
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -248,7 +294,7 @@ async fn converse(
             _ = ticks.tick() => {
                 seq += 1;
                 let hb = lock(agent).heartbeat(generation, seq);
-                if let Err(e) = write_message(send, &Message::Heartbeat(hb), config.max_frame).await {
+                if let Err(e) = send_bounded(send, &Message::Heartbeat(hb), config.max_frame).await {
                     return Ok(Ended::Retry(format!("send heartbeat: {e}")));
                 }
             }
@@ -267,7 +313,7 @@ async fn converse(
                 }
                 let replies = lock(agent).handle(message);
                 for reply in replies {
-                    if let Err(e) = write_message(send, &reply, config.max_frame).await {
+                    if let Err(e) = send_bounded(send, &reply, config.max_frame).await {
                         return Ok(Ended::Retry(format!("send reply: {e}")));
                     }
                 }
