@@ -1,11 +1,13 @@
 //! `framecast-agent`: runs on every GPU host; keeps the vGPU pool and streams games.
 //!
 //! - [`inventory`]: what GPUs the host has (NVML or a simulated inventory);
+//! - [`core`]: the agent's state and how it executes the broker's messages;
 //! - [`encoder`]: NVENC encoder slots and the leases streams hold;
 //! - [`instances`]: warm game instances, their launch and limits;
 //! - [`vgpu`]: creating and removing vGPUs (simulated, Linux mdev) within each model's limits;
 //! - [`link`]: the QUIC control link to the broker, with mutual TLS.
 
+pub mod core;
 pub mod encoder;
 pub mod instances;
 pub mod inventory;

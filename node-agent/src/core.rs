@@ -1,0 +1,488 @@
+//! The agent's state as the control link sees it: what it reports in `hello` and heartbeats,
+//! and how it executes `reserve`, `release`, `pool-plan` and `drain`.
+//!
+//! Each session holds its [`EncoderLease`] for its whole life, so every path that ends a
+//! session — a release, a failed reservation, an agent shutting down — gives the encoder slot
+//! back by dropping it.
+
+use std::collections::BTreeMap;
+
+use framecast_shared::config::agent::AgentGameConfig;
+use framecast_shared::ids::{GameId, GpuId, NodeId, RegionName, SessionId, TierName};
+use framecast_shared::protocol::{
+    GpuInventory, GpuUsage, Heartbeat, Hello, Message, PROTOCOL_VERSION, RejectReason, Rejected,
+    Reserve, Reserved, RunningSession, SessionUpdate,
+};
+use framecast_shared::state::{EndReason, SessionState};
+use framecast_shared::tier::TierPreset;
+use framecast_shared::time::Timestamp;
+
+use crate::encoder::{EncoderError, EncoderLease, EncoderSlots};
+use crate::inventory::DiscoveredGpu;
+use crate::link::AgentState;
+use crate::vgpu::{VgpuPool, plan};
+
+/// One GPU the agent runs sessions on.
+#[derive(Debug)]
+pub struct CoreGpu {
+    /// What the inventory found.
+    pub found: DiscoveredGpu,
+    /// Its encoder slots.
+    pub encoder: EncoderSlots,
+}
+
+#[derive(Debug)]
+struct Held {
+    gpu: GpuId,
+    slot: u32,
+    game: GameId,
+    tier: TierName,
+    state: SessionState,
+    since: Timestamp,
+    _lease: EncoderLease,
+}
+
+/// The agent's state.
+pub struct AgentCore {
+    node_id: NodeId,
+    region: RegionName,
+    cpu_millicores: Option<u32>,
+    gpus: Vec<CoreGpu>,
+    tiers: Vec<TierPreset>,
+    games: Vec<AgentGameConfig>,
+    pool: VgpuPool,
+    sessions: BTreeMap<SessionId, Held>,
+    plan_generation: u64,
+    draining: Option<Timestamp>,
+    /// This process's generation, stamped on session updates.
+    generation: u64,
+    clock: Box<dyn Fn() -> Timestamp + Send>,
+}
+
+impl std::fmt::Debug for AgentCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentCore")
+            .field("node_id", &self.node_id)
+            .field("gpus", &self.gpus.len())
+            .field("sessions", &self.sessions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentCore {
+    /// A core for `node_id` in `region` with `gpus`, the `tiers` it serves, its game catalogue
+    /// (empty: any game, as the synthetic game), its vGPU pool, and a clock.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        node_id: NodeId,
+        region: RegionName,
+        cpu_millicores: Option<u32>,
+        gpus: Vec<CoreGpu>,
+        tiers: Vec<TierPreset>,
+        games: Vec<AgentGameConfig>,
+        pool: VgpuPool,
+        clock: Box<dyn Fn() -> Timestamp + Send>,
+    ) -> Self {
+        Self {
+            node_id,
+            region,
+            cpu_millicores,
+            gpus,
+            tiers,
+            games,
+            pool,
+            sessions: BTreeMap::new(),
+            plan_generation: 0,
+            draining: None,
+            generation: 0,
+            clock,
+        }
+    }
+
+    /// Sets this process's generation (from the data directory), which session updates carry.
+    pub fn with_generation(mut self, generation: u64) -> Self {
+        self.generation = generation;
+        self
+    }
+
+    /// Sessions held now.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// The drain deadline, once the broker asked for one.
+    pub fn draining(&self) -> Option<Timestamp> {
+        self.draining
+    }
+
+    fn gpu(&self, id: &GpuId) -> Option<&CoreGpu> {
+        self.gpus.iter().find(|g| &g.found.id == id)
+    }
+
+    fn reserve(&mut self, r: Reserve) -> Message {
+        let reject = |reason, detail: String| {
+            Message::Rejected(Rejected {
+                request_id: r.request_id,
+                session_id: r.session_id,
+                reason,
+                detail,
+            })
+        };
+        if let Some(held) = self.sessions.get(&r.session_id) {
+            // A repeated reserve (the broker retried) for the same slot is answered again.
+            return if held.gpu == r.gpu && held.slot == r.slot {
+                Message::Reserved(Reserved {
+                    request_id: r.request_id,
+                    session_id: r.session_id,
+                    warm: false,
+                })
+            } else {
+                reject(
+                    RejectReason::Other,
+                    format!("session already runs on {} slot {}", held.gpu, held.slot),
+                )
+            };
+        }
+        if self.draining.is_some() {
+            return reject(RejectReason::Draining, "the node is draining".into());
+        }
+        let Some(gpu) = self.gpu(&r.gpu) else {
+            return reject(
+                RejectReason::UnknownGpu,
+                format!("{} is not on this node", r.gpu),
+            );
+        };
+        if !self.games.is_empty() && !self.games.iter().any(|g| g.id == r.game) {
+            return reject(
+                RejectReason::UnknownGame,
+                format!("{} is not in this node's catalogue", r.game),
+            );
+        }
+        if !self.tiers.iter().any(|t| t.name == r.tier) {
+            return reject(RejectReason::Other, format!("unknown tier {}", r.tier));
+        }
+        if self
+            .sessions
+            .values()
+            .any(|h| h.gpu == r.gpu && h.slot == r.slot)
+        {
+            return reject(
+                RejectReason::NoCapacity,
+                format!("slot {} of {} is taken", r.slot, r.gpu),
+            );
+        }
+        let lease = match gpu.encoder.lease(r.encoder) {
+            Ok(lease) => lease,
+            Err(
+                e @ (EncoderError::Busy { .. }
+                | EncoderError::SessionCap { .. }
+                | EncoderError::NoEncoder { .. }),
+            ) => {
+                return reject(RejectReason::EncoderBusy, e.to_string());
+            }
+        };
+        tracing::info!(session_id = %r.session_id, gpu = %r.gpu, slot = r.slot, "reserved");
+        self.sessions.insert(
+            r.session_id,
+            Held {
+                gpu: r.gpu,
+                slot: r.slot,
+                game: r.game,
+                tier: r.tier,
+                state: SessionState::Reserved,
+                since: (self.clock)(),
+                _lease: lease,
+            },
+        );
+        Message::Reserved(Reserved {
+            request_id: r.request_id,
+            session_id: r.session_id,
+            warm: false,
+        })
+    }
+
+    fn end(&mut self, session: &SessionId, reason: EndReason) -> Option<Message> {
+        // Dropping the entry drops its encoder lease.
+        self.sessions.remove(session)?;
+        tracing::info!(session_id = %session, %reason, "session ended");
+        Some(Message::SessionUpdate(SessionUpdate {
+            generation: self.generation,
+            session_id: *session,
+            state: SessionState::Ended(reason),
+            at: (self.clock)(),
+        }))
+    }
+}
+
+impl AgentState for AgentCore {
+    fn hello(&self, generation: u64) -> Hello {
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            node_id: self.node_id.clone(),
+            region: self.region.clone(),
+            generation,
+            gpus: self
+                .gpus
+                .iter()
+                .map(|g| {
+                    let used = self.pool.framebuffer_used(&g.found.id);
+                    let vgpus = self.pool.vgpus_with_profile(&g.found.id);
+                    let usage = g.encoder.usage();
+                    GpuInventory {
+                        gpu: g.found.id.clone(),
+                        spec: g.found.spec.clone(),
+                        mode: g.found.mode,
+                        profile: vgpus.first().map(|(_, p)| p.clone()),
+                        free_framebuffer: g.found.spec.framebuffer.saturating_sub(used),
+                        free_encoder: usage.capacity.saturating_sub(usage.used),
+                        vgpus: u16::try_from(vgpus.len()).unwrap_or(u16::MAX),
+                    }
+                })
+                .collect(),
+            sessions: self
+                .sessions
+                .iter()
+                .map(|(id, h)| RunningSession {
+                    session_id: *id,
+                    gpu: h.gpu.clone(),
+                    slot: h.slot,
+                    game: h.game.clone(),
+                    tier: h.tier.clone(),
+                    genre: None,
+                    state: h.state,
+                    since: h.since,
+                })
+                .collect(),
+            warm: Vec::new(),
+            cpu_millicores: self.cpu_millicores,
+        }
+    }
+
+    fn heartbeat(&self, generation: u64, seq: u64) -> Heartbeat {
+        Heartbeat {
+            generation,
+            seq,
+            sent_at: (self.clock)(),
+            gpus: self
+                .gpus
+                .iter()
+                .map(|g| {
+                    let usage = g.encoder.usage();
+                    GpuUsage {
+                        gpu: g.found.id.clone(),
+                        free_framebuffer: g
+                            .found
+                            .spec
+                            .framebuffer
+                            .saturating_sub(self.pool.framebuffer_used(&g.found.id)),
+                        free_encoder: usage.capacity.saturating_sub(usage.used),
+                        encoder_utilization_pct: None,
+                        gpu_utilization_pct: None,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    fn handle(&mut self, message: Message) -> Vec<Message> {
+        match message {
+            Message::Reserve(r) => vec![self.reserve(r)],
+            Message::Release(r) => self.end(&r.session_id, r.reason).into_iter().collect(),
+            Message::PoolPlan(p) if p.plan_generation > self.plan_generation => {
+                self.plan_generation = p.plan_generation;
+                let busy: Vec<GpuId> = self.sessions.values().map(|h| h.gpu.clone()).collect();
+                let progress = plan::apply(&mut self.pool, &p, &|gpu, _| busy.contains(gpu));
+                if !progress.complete() {
+                    tracing::warn!(plan = p.plan_generation, failures = ?progress.failures, "pool plan applied in part");
+                }
+                Vec::new()
+            }
+            Message::PoolPlan(_) => Vec::new(),
+            Message::Drain(d) => {
+                self.draining = Some(d.deadline);
+                Vec::new()
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use framecast_shared::gpu::GpuMode;
+    use framecast_shared::protocol::{Drain, GpuPlan, PoolPlan, Release};
+    use framecast_shared::units::{ComputeShare, EncoderUnits, Megabytes};
+
+    use super::*;
+    use crate::inventory::Inventory;
+    use crate::inventory::simulated::SimulatedInventory;
+    use crate::vgpu::GpuHandle;
+    use crate::vgpu::simulated::SimulatedBackend;
+
+    const T0: Timestamp = Timestamp::from_millis(1_800_000_000_000);
+
+    fn core() -> AgentCore {
+        let file = framecast_shared::config::inventory::SimulatedGpus {
+            gpus: vec![framecast_shared::config::inventory::SimulatedGpuGroup {
+                model: "l4".into(),
+                count: 2,
+                mode: None,
+            }],
+        };
+        let found = SimulatedInventory::from_file(&file).gpus().unwrap();
+        let mut pool = VgpuPool::new(Box::new(SimulatedBackend::default()));
+        let gpus = found
+            .into_iter()
+            .map(|f| {
+                pool.add_gpu(
+                    GpuHandle {
+                        id: f.id.clone(),
+                        pci: None,
+                    },
+                    f.spec.clone(),
+                    GpuMode::EqualSize,
+                )
+                .unwrap();
+                CoreGpu {
+                    encoder: EncoderSlots::for_gpu(f.id.clone(), &f.spec, None),
+                    found: f,
+                }
+            })
+            .collect();
+        AgentCore::new(
+            NodeId::new("n1").unwrap(),
+            RegionName::new("eu").unwrap(),
+            Some(16_000),
+            gpus,
+            TierPreset::defaults(),
+            Vec::new(),
+            pool,
+            Box::new(|| T0),
+        )
+        .with_generation(5)
+    }
+
+    fn reserve(n: u128, gpu: &str, slot: u32, encoder_milli: u32) -> Message {
+        Message::Reserve(Reserve {
+            request_id: u64::try_from(n).unwrap(),
+            session_id: SessionId::new(T0, n),
+            game: GameId::new("arena").unwrap(),
+            tier: TierName::new("4k").unwrap(),
+            gpu: GpuId::new(gpu).unwrap(),
+            slot,
+            framebuffer: Megabytes::new(8192),
+            compute_share: ComputeShare::MIN,
+            encoder: EncoderUnits::from_milli(encoder_milli),
+            expires_at: T0,
+        })
+    }
+
+    fn free_encoder(core: &AgentCore, gpu: usize) -> EncoderUnits {
+        core.heartbeat(1, 1).gpus[gpu].free_encoder
+    }
+
+    #[test]
+    fn every_path_that_ends_a_session_gives_its_encoder_slot_back() {
+        let mut c = core();
+        let full = free_encoder(&c, 0);
+        assert!(matches!(
+            c.handle(reserve(1, "sim-0", 0, 4000)).as_slice(),
+            [Message::Reserved(_)]
+        ));
+        assert!(matches!(
+            c.handle(reserve(2, "sim-0", 1, 4000)).as_slice(),
+            [Message::Reserved(_)]
+        ));
+        assert_eq!(
+            free_encoder(&c, 0),
+            EncoderUnits::from_milli(full.milli() - 8000)
+        );
+        // A reservation the encoder cannot take leaves nothing behind.
+        let busy = c.handle(reserve(3, "sim-0", 2, 5000));
+        assert!(
+            matches!(busy.as_slice(), [Message::Rejected(r)] if r.reason == RejectReason::EncoderBusy),
+            "{busy:?}"
+        );
+        assert_eq!(c.session_count(), 2);
+        // A release frees the slot and reports the end.
+        let out = c.handle(Message::Release(Release {
+            session_id: SessionId::new(T0, 1),
+            reason: EndReason::Released,
+        }));
+        assert!(
+            matches!(out.as_slice(), [Message::SessionUpdate(u)] if u.state == SessionState::Ended(EndReason::Released))
+        );
+        assert_eq!(
+            free_encoder(&c, 0),
+            EncoderUnits::from_milli(full.milli() - 4000)
+        );
+        // The agent going away drops every lease with it.
+        drop(c);
+    }
+
+    #[test]
+    fn reservations_are_checked_before_anything_is_held() {
+        let mut c = core();
+        let reason = |m: Vec<Message>| match m.as_slice() {
+            [Message::Rejected(r)] => r.reason,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            reason(c.handle(reserve(1, "sim-9", 0, 1000))),
+            RejectReason::UnknownGpu
+        );
+        assert!(matches!(
+            c.handle(reserve(2, "sim-0", 0, 1000)).as_slice(),
+            [Message::Reserved(_)]
+        ));
+        assert_eq!(
+            reason(c.handle(reserve(3, "sim-0", 0, 1000))),
+            RejectReason::NoCapacity,
+            "slot taken"
+        );
+        // The broker retrying the same reserve gets the same answer, and nothing twice.
+        assert!(matches!(
+            c.handle(reserve(2, "sim-0", 0, 1000)).as_slice(),
+            [Message::Reserved(_)]
+        ));
+        assert_eq!(c.session_count(), 1);
+        c.handle(Message::Drain(Drain { deadline: T0 }));
+        assert_eq!(
+            reason(c.handle(reserve(4, "sim-1", 0, 1000))),
+            RejectReason::Draining
+        );
+        assert_eq!(
+            c.hello(3).sessions.len(),
+            1,
+            "running sessions are reported in hello"
+        );
+    }
+
+    #[test]
+    fn pool_plans_apply_once_per_generation() {
+        let mut c = core();
+        let plan = |generation, vgpus| {
+            Message::PoolPlan(PoolPlan {
+                plan_generation: generation,
+                gpus: vec![GpuPlan {
+                    gpu: GpuId::new("sim-1").unwrap(),
+                    mode: GpuMode::EqualSize,
+                    profile: Some("L4-4Q".into()),
+                    vgpus,
+                    warm: Vec::new(),
+                }],
+            })
+        };
+        c.handle(plan(2, 3));
+        assert_eq!(c.hello(1).gpus[1].vgpus, 3);
+        assert_eq!(
+            c.hello(1).gpus[1].free_framebuffer,
+            Megabytes::new(24_576 - 3 * 4096)
+        );
+        c.handle(plan(1, 6));
+        assert_eq!(c.hello(1).gpus[1].vgpus, 3, "an older plan is ignored");
+        c.handle(plan(3, 1));
+        assert_eq!(c.hello(1).gpus[1].vgpus, 1);
+    }
+}
