@@ -5,11 +5,13 @@
 //! - [`encoder`]: NVENC encoder slots and the leases streams hold;
 //! - [`instances`]: warm game instances, their launch and limits;
 //! - [`vgpu`]: creating and removing vGPUs (simulated, Linux mdev) within each model's limits;
-//! - [`link`]: the QUIC control link to the broker, with mutual TLS.
+//! - [`link`]: the QUIC control link to the broker, with mutual TLS;
+//! - [`run`]: the agent process that ties them together.
 
 pub mod core;
 pub mod encoder;
 pub mod instances;
 pub mod inventory;
 pub mod link;
+pub mod run;
 pub mod vgpu;

@@ -1,6 +1,6 @@
 //! `framecast-agent`: runs on every GPU host; keeps the vGPU pool and streams games.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +21,15 @@ enum Command {
     /// Load and validate agent.toml (defaults, then the file, then FRAMECAST_* variables,
     /// then --set flags) and report every broken rule with its field.
     CheckConfig(CheckConfigArgs),
+    /// Run the agent: read the GPUs, keep the vGPU pool, and serve the broker over the control
+    /// link until interrupted.
+    Run {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// A simulated inventory (gpus.toml) to use where NVML is unavailable.
+        #[arg(long, value_name = "FILE")]
+        simulate: Option<PathBuf>,
+    },
     /// Print the GPUs this host has, as the agent sees them: NVML when the driver is
     /// present, else the simulated inventory.
     Inventory {
@@ -35,6 +44,7 @@ enum Command {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::CheckConfig(args) => args.run::<AgentConfig>(),
+        Command::Run { config, simulate } => run(&config, simulate.as_deref()),
         Command::Inventory { config, simulate } => {
             let listing = config
                 .load::<AgentConfig>()
@@ -63,6 +73,38 @@ fn main() -> ExitCode {
                     },
                 ])
             }))
+        }
+    }
+}
+
+#[allow(clippy::print_stderr)] // the process's last words
+fn run(config: &ConfigArgs, simulate: Option<&Path>) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FRAMECAST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = match config.load::<AgentConfig>() {
+        Ok(cfg) => cfg,
+        Err(e) => return report(Err(e)),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(framecast_agent::run::run(cfg, simulate)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

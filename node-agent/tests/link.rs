@@ -9,6 +9,8 @@
     clippy::indexing_slicing
 )]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,12 +23,14 @@ use framecast_agent::link::{self, AgentState, LinkConfig, LinkError, LinkState};
 use framecast_shared::ids::{GameId, GpuId, NodeId, RegionName, SessionId, TierName};
 use framecast_shared::protocol::{
     DEFAULT_MAX_FRAME, Goodbye, GoodbyeReason, Heartbeat, Hello, Message, PROTOCOL_VERSION,
-    Reserve, Reserved, RunningSession, Welcome,
+    Reserve, Reserved, RunningSession,
 };
 use framecast_shared::state::SessionState;
 use framecast_shared::time::Timestamp;
-use framecast_shared::tls::{DevCa, IssuedCert, Role, client_config, server_config};
+use framecast_shared::tls::{DevCa, IssuedCert, Role, client_config};
 use framecast_shared::units::{ComputeShare, EncoderUnits, Megabytes};
+
+use common::{Pki, accept, pki, test_broker, welcome};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -84,40 +88,6 @@ impl AgentState for TestAgent {
     }
 }
 
-struct Pki {
-    ca: DevCa,
-    broker: IssuedCert,
-    agent: IssuedCert,
-}
-
-fn pki() -> Pki {
-    let ca = DevCa::generate("test CA").unwrap();
-    let broker = ca
-        .issue("broker", &["localhost", "127.0.0.1"], Role::Broker)
-        .unwrap();
-    let agent = ca
-        .issue("gpu-host-1", &["gpu-host-1"], Role::Agent)
-        .unwrap();
-    Pki { ca, broker, agent }
-}
-
-fn test_broker(pki: &Pki) -> (quinn::Endpoint, SocketAddr) {
-    let tls = server_config(
-        &pki.ca.cert.cert_pem,
-        &pki.broker.cert_pem,
-        &pki.broker.key_pem,
-    )
-    .unwrap();
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).unwrap();
-    let endpoint = quinn::Endpoint::server(
-        quinn::ServerConfig::with_crypto(Arc::new(crypto)),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .unwrap();
-    let addr = endpoint.local_addr().unwrap();
-    (endpoint, addr)
-}
-
 fn link_config(pki: &Pki, addr: SocketAddr, agent_cert: &IssuedCert) -> LinkConfig {
     LinkConfig {
         broker: addr,
@@ -157,36 +127,6 @@ fn start_agent(config: LinkConfig, generation: u64) -> Running {
         state,
         task,
     }
-}
-
-/// Accepts the next connection and its stream, and reads the agent's hello.
-async fn accept(
-    endpoint: &quinn::Endpoint,
-) -> (
-    quinn::Connection,
-    quinn::SendStream,
-    quinn::RecvStream,
-    Hello,
-) {
-    let incoming = endpoint.accept().await.unwrap();
-    let conn = incoming.await.unwrap();
-    let (send, mut recv) = conn.accept_bi().await.unwrap();
-    let Some(Message::Hello(hello)) = read_message(&mut recv, DEFAULT_MAX_FRAME).await.unwrap()
-    else {
-        panic!("no hello")
-    };
-    (conn, send, recv, hello)
-}
-
-fn welcome(generation: u64, version: u32) -> Message {
-    Message::Welcome(Welcome {
-        protocol_version: version,
-        broker_version: "test".into(),
-        region: RegionName::new("eu").unwrap(),
-        generation,
-        heartbeat_interval_ms: 50,
-        token_public_key: vec![0; 32],
-    })
 }
 
 #[tokio::test]

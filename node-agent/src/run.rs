@@ -1,0 +1,129 @@
+//! `framecast-agent run`: the agent process, wiring inventory, encoder slots, the vGPU pool,
+//! the core state and the control link together.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::sync::watch;
+
+use framecast_shared::config::AgentConfig;
+use framecast_shared::config::agent::VgpuBackendKind;
+use framecast_shared::ids::NodeId;
+use framecast_shared::time::Timestamp;
+use framecast_shared::tls;
+
+use crate::core::{AgentCore, CoreGpu};
+use crate::encoder::EncoderSlots;
+use crate::inventory;
+use crate::link::{self, AgentState, LinkConfig, LinkState};
+use crate::vgpu::mdev::MdevBackend;
+use crate::vgpu::simulated::SimulatedBackend;
+use crate::vgpu::{GpuHandle, VgpuBackend, VgpuPool, sysfs_pci};
+
+/// Runs the agent until the process is interrupted or the broker refuses it.
+pub async fn run(config: AgentConfig, simulate: Option<&Path>) -> anyhow::Result<()> {
+    let node_id = match &config.node_id {
+        Some(id) => id.clone(),
+        None => host_name().context(
+            "node_id is not set and the host name cannot be used as one; set node_id in agent.toml",
+        )?,
+    };
+    let Some(tls_files) = &config.broker.tls else {
+        bail!(
+            "broker.tls is required: the control link uses mutual TLS (ca_cert, cert and key of this agent)"
+        );
+    };
+    let (ca, cert, key) = tls::read_files(tls_files)?;
+    let client_tls = tls::client_config(&ca, &cert, &key)?;
+
+    let inventory = inventory::open(&config.inventory, simulate)?;
+    let found = inventory.gpus()?;
+    tracing::info!(
+        source = inventory.source(),
+        gpus = found.len(),
+        "inventory read"
+    );
+
+    let backend: Box<dyn VgpuBackend> = match config.vgpu.backend {
+        VgpuBackendKind::Simulated => Box::new(SimulatedBackend::default()),
+        VgpuBackendKind::Mdev => Box::new(MdevBackend::new(
+            &config.vgpu.sysfs_root,
+            config.data_dir.join("vgpus"),
+        )),
+        VgpuBackendKind::Mig => {
+            bail!("vgpu.backend = \"mig\" is not implemented yet; use \"mdev\" or \"simulated\"")
+        }
+    };
+    let mut pool = VgpuPool::new(backend);
+    let mut gpus = Vec::with_capacity(found.len());
+    for f in found {
+        let handle = GpuHandle {
+            id: f.id.clone(),
+            pci: f.pci_bus_id.as_deref().and_then(sysfs_pci),
+        };
+        let adopted = pool
+            .add_gpu(handle, f.spec.clone(), f.mode)
+            .with_context(|| format!("adding {} to the vGPU pool", f.id))?;
+        if adopted > 0 {
+            tracing::info!(gpu = %f.id, adopted, "found this agent's vGPUs from before");
+        }
+        gpus.push(CoreGpu {
+            encoder: EncoderSlots::for_gpu(f.id.clone(), &f.spec, f.encoder.h264_capacity_pct),
+            found: f,
+        });
+    }
+
+    let generation = link::generation::next(&config.data_dir)
+        .with_context(|| format!("generation counter in {}", config.data_dir.display()))?;
+    let broker = resolve(&config.broker.address).await?;
+    let core = AgentCore::new(
+        node_id.clone(),
+        config.region.clone(),
+        None,
+        gpus,
+        framecast_shared::tier::TierPreset::defaults(),
+        config.games.clone(),
+        pool,
+        Box::new(Timestamp::now),
+    )
+    .with_generation(generation);
+    let agent: Arc<Mutex<dyn AgentState>> = Arc::new(Mutex::new(core));
+
+    let link_config = LinkConfig {
+        broker,
+        server_name: config.broker.server_name.clone(),
+        tls: Arc::new(client_tls),
+        max_frame: config.broker.max_frame_bytes,
+        backoff_min: Duration::from_millis(500),
+        backoff_max: Duration::from_secs(30),
+    };
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (state_tx, _state_rx) = watch::channel(LinkState::Connecting);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::info!("interrupted; shutting down");
+            let _ = shutdown_tx.send(true);
+        }
+    });
+    tracing::info!(node = %node_id, generation, %broker, "agent starting");
+    link::run(link_config, agent, generation, shutdown_rx, state_tx).await?;
+    Ok(())
+}
+
+/// The host name, as a node id.
+fn host_name() -> anyhow::Result<NodeId> {
+    let name =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the host name")?;
+    Ok(NodeId::new(name.trim())?)
+}
+
+async fn resolve(address: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(address)
+        .await
+        .with_context(|| format!("resolving broker.address {address:?}"))?
+        .next()
+        .with_context(|| format!("broker.address {address:?} resolves to nothing"))
+}

@@ -1,0 +1,77 @@
+//! A test control endpoint for the agent's link tests: a dev PKI and a QUIC server with mutual
+//! TLS on loopback.
+
+// Each test binary uses a subset of these.
+#![allow(dead_code, clippy::unwrap_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use framecast_agent::link::frames::read_message;
+use framecast_shared::ids::RegionName;
+use framecast_shared::protocol::{DEFAULT_MAX_FRAME, Hello, Message, Welcome};
+use framecast_shared::tls::{DevCa, IssuedCert, Role, server_config};
+
+pub(crate) struct Pki {
+    pub ca: DevCa,
+    pub broker: IssuedCert,
+    pub agent: IssuedCert,
+}
+
+pub(crate) fn pki() -> Pki {
+    let ca = DevCa::generate("test CA").unwrap();
+    let broker = ca
+        .issue("broker", &["localhost", "127.0.0.1"], Role::Broker)
+        .unwrap();
+    let agent = ca
+        .issue("gpu-host-1", &["gpu-host-1"], Role::Agent)
+        .unwrap();
+    Pki { ca, broker, agent }
+}
+
+pub(crate) fn test_broker(pki: &Pki) -> (quinn::Endpoint, SocketAddr) {
+    let tls = server_config(
+        &pki.ca.cert.cert_pem,
+        &pki.broker.cert_pem,
+        &pki.broker.key_pem,
+    )
+    .unwrap();
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).unwrap();
+    let endpoint = quinn::Endpoint::server(
+        quinn::ServerConfig::with_crypto(Arc::new(crypto)),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    (endpoint, addr)
+}
+
+/// Accepts the next connection and its stream, and reads the agent's hello.
+pub(crate) async fn accept(
+    endpoint: &quinn::Endpoint,
+) -> (
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+    Hello,
+) {
+    let incoming = endpoint.accept().await.unwrap();
+    let conn = incoming.await.unwrap();
+    let (send, mut recv) = conn.accept_bi().await.unwrap();
+    let Some(Message::Hello(hello)) = read_message(&mut recv, DEFAULT_MAX_FRAME).await.unwrap()
+    else {
+        panic!("no hello")
+    };
+    (conn, send, recv, hello)
+}
+
+pub(crate) fn welcome(generation: u64, version: u32) -> Message {
+    Message::Welcome(Welcome {
+        protocol_version: version,
+        broker_version: "test".into(),
+        region: RegionName::new("eu").unwrap(),
+        generation,
+        heartbeat_interval_ms: 50,
+        token_public_key: vec![0; 32],
+    })
+}
