@@ -16,6 +16,7 @@ use framecast_shared::protocol::{
 use framecast_shared::state::{EndReason, SessionState};
 use framecast_shared::tier::TierPreset;
 use framecast_shared::time::Timestamp;
+use framecast_shared::units::{EncoderUnits, Megabytes};
 
 use crate::encoder::{EncoderError, EncoderLease, EncoderSlots};
 use crate::inventory::DiscoveredGpu;
@@ -113,6 +114,18 @@ impl AgentCore {
     /// The drain deadline, once the broker asked for one.
     pub fn draining(&self) -> Option<Timestamp> {
         self.draining
+    }
+
+    /// Framebuffer not held by vGPUs and encoder throughput not leased, on `g`.
+    fn free(&self, g: &CoreGpu) -> (Megabytes, EncoderUnits) {
+        let usage = g.encoder.usage();
+        (
+            g.found
+                .spec
+                .framebuffer
+                .saturating_sub(self.pool.framebuffer_used(&g.found.id)),
+            usage.capacity.saturating_sub(usage.used),
+        )
     }
 
     fn gpu(&self, id: &GpuId) -> Option<&CoreGpu> {
@@ -226,16 +239,15 @@ impl AgentState for AgentCore {
                 .gpus
                 .iter()
                 .map(|g| {
-                    let used = self.pool.framebuffer_used(&g.found.id);
                     let vgpus = self.pool.vgpus_with_profile(&g.found.id);
-                    let usage = g.encoder.usage();
+                    let (free_framebuffer, free_encoder) = self.free(g);
                     GpuInventory {
                         gpu: g.found.id.clone(),
                         spec: g.found.spec.clone(),
                         mode: g.found.mode,
                         profile: vgpus.first().map(|(_, p)| p.clone()),
-                        free_framebuffer: g.found.spec.framebuffer.saturating_sub(used),
-                        free_encoder: usage.capacity.saturating_sub(usage.used),
+                        free_framebuffer,
+                        free_encoder,
                         vgpus: u16::try_from(vgpus.len()).unwrap_or(u16::MAX),
                     }
                 })
@@ -268,15 +280,11 @@ impl AgentState for AgentCore {
                 .gpus
                 .iter()
                 .map(|g| {
-                    let usage = g.encoder.usage();
+                    let (free_framebuffer, free_encoder) = self.free(g);
                     GpuUsage {
                         gpu: g.found.id.clone(),
-                        free_framebuffer: g
-                            .found
-                            .spec
-                            .framebuffer
-                            .saturating_sub(self.pool.framebuffer_used(&g.found.id)),
-                        free_encoder: usage.capacity.saturating_sub(usage.used),
+                        free_framebuffer,
+                        free_encoder,
                         encoder_utilization_pct: None,
                         gpu_utilization_pct: None,
                     }

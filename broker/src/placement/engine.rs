@@ -280,18 +280,9 @@ impl Engine {
         // classes already waiting for its tier.
         let mut waits_for_capacity = true;
         if !self.blocked_by_queue(tier, request.priority) {
-            let mut strategy =
-                std::mem::replace(&mut self.strategy, Box::new(super::strategy::FirstFit));
-            let result = self.attempt(
-                &request,
-                tier,
-                genre,
-                game,
-                Duration::ZERO,
-                &mut *strategy,
-                None,
-            );
-            self.strategy = strategy;
+            let result = self.with_strategy(|engine, strategy| {
+                engine.attempt(&request, tier, genre, game, Duration::ZERO, strategy, None)
+            });
             match result {
                 Ok((choice, region, served)) => {
                     return match self.commit(&request, choice, region, served, now) {
@@ -815,8 +806,10 @@ impl Engine {
         if self.queue.is_empty() {
             return;
         }
-        let mut strategy =
-            std::mem::replace(&mut self.strategy, Box::new(super::strategy::FirstFit));
+        self.with_strategy(|engine, strategy| engine.serve_queue_with(strategy, now));
+    }
+
+    fn serve_queue_with(&mut self, strategy: &mut dyn Strategy, now: Timestamp) {
         self.queue_blocked.iter_mut().for_each(|b| *b = None);
         for tier in self.queue.busy_tiers() {
             'tier: for priority in Priority::HIGHEST_FIRST {
@@ -826,15 +819,7 @@ impl Engine {
                     };
                     let waited = now.saturating_since(w.since);
                     let game = self.fleet.catalog.game_idx(&w.request.game);
-                    match self.attempt(
-                        &w.request,
-                        w.tier,
-                        w.genre,
-                        game,
-                        waited,
-                        &mut *strategy,
-                        None,
-                    ) {
+                    match self.attempt(&w.request, w.tier, w.genre, game, waited, strategy, None) {
                         Ok((choice, region, served)) => {
                             let Some(w) = self.queue.remove(&session) else {
                                 continue;
@@ -857,7 +842,17 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Runs `f` with the engine's strategy lent out, so `f` can use the strategy mutably
+    /// while it reads and changes the rest of the engine.
+    fn with_strategy<R>(&mut self, f: impl FnOnce(&mut Self, &mut dyn Strategy) -> R) -> R {
+        // A zero-sized placeholder: boxing it does not allocate.
+        let mut strategy =
+            std::mem::replace(&mut self.strategy, Box::new(super::strategy::FirstFit));
+        let result = f(self, &mut *strategy);
         self.strategy = strategy;
+        result
     }
 
     /// Removes a session's allocation and frees its slot. Returns whether it existed.
