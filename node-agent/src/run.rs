@@ -15,10 +15,13 @@ use framecast_shared::ids::NodeId;
 use framecast_shared::time::Timestamp;
 use framecast_shared::tls;
 
-use crate::core::{AgentCore, CoreGpu};
+use crate::core::{AgentCore, CoreGpu, InstancePolicy};
 use crate::encoder::EncoderSlots;
+use crate::instances::cgroup::Cgroups;
+use crate::instances::runner;
+use crate::instances::supervisor::Backoff;
 use crate::inventory;
-use crate::link::{self, AgentState, LinkConfig, LinkState};
+use crate::link::{self, AgentState, LinkChannels, LinkConfig, LinkState};
 use crate::vgpu::mdev::MdevBackend;
 use crate::vgpu::simulated::SimulatedBackend;
 use crate::vgpu::{GpuHandle, VgpuBackend, VgpuPool, sysfs_pci};
@@ -89,8 +92,21 @@ pub async fn run(config: AgentConfig, simulate: Option<&Path>) -> anyhow::Result
         pool,
         Box::new(Timestamp::now),
     )
-    .with_generation(generation);
-    let agent: Arc<Mutex<dyn AgentState>> = Arc::new(Mutex::new(core));
+    .with_generation(generation)
+    .with_policy(InstancePolicy {
+        backoff: Backoff {
+            min: Duration::from_millis(config.instances.restart_backoff_min_ms),
+            max: Duration::from_millis(config.instances.restart_backoff_max_ms),
+        },
+        healthy_after: Duration::from_secs(config.instances.healthy_after_s),
+    });
+    let wake = core.wake_handle();
+    let core = Arc::new(Mutex::new(core));
+    let agent: Arc<Mutex<dyn AgentState>> = core.clone();
+    let cgroups = match &config.instances.cgroup_root {
+        Some(root) => Cgroups::detect(root),
+        None => Cgroups::disabled(),
+    };
 
     let link_config = LinkConfig {
         broker,
@@ -102,15 +118,55 @@ pub async fn run(config: AgentConfig, simulate: Option<&Path>) -> anyhow::Result
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (state_tx, _state_rx) = watch::channel(LinkState::Connecting);
+    let (outbox_tx, outbox) = tokio::sync::mpsc::unbounded_channel();
+    let instances = tokio::spawn(runner::run(
+        core,
+        wake,
+        outbox_tx,
+        cgroups,
+        shutdown_rx.clone(),
+    ));
+    let shutdown_tx_for_exit = shutdown_tx.clone();
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            tracing::info!("interrupted; shutting down");
-            let _ = shutdown_tx.send(true);
-        }
+        terminated().await;
+        tracing::info!("shutting down");
+        let _ = shutdown_tx.send(true);
     });
     tracing::info!(node = %node_id, generation, %broker, "agent starting");
-    link::run(link_config, agent, generation, shutdown_rx, state_tx).await?;
+    let linked = link::run(
+        link_config,
+        agent,
+        generation,
+        LinkChannels {
+            shutdown: shutdown_rx,
+            state: state_tx,
+            outbox,
+        },
+    )
+    .await;
+    // The runner stops the instances it launched once shutdown is signalled; when the link
+    // stopped for another reason, signal it here.
+    let _ = shutdown_tx_for_exit.send(true);
+    let _ = instances.await;
+    linked?;
     Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM (what systemd and Kubernetes send).
+async fn terminated() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the agent");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 /// The host name, as a node id.

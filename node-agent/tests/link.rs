@@ -15,17 +15,17 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 
 use framecast_agent::link::frames::{read_message, write_message};
-use framecast_agent::link::{self, AgentState, LinkConfig, LinkError, LinkState};
+use framecast_agent::link::{self, AgentState, LinkChannels, LinkConfig, LinkError, LinkState};
 use framecast_shared::ids::{GameId, GpuId, NodeId, RegionName, SessionId, TierName};
 use framecast_shared::protocol::{
     DEFAULT_MAX_FRAME, Goodbye, GoodbyeReason, Heartbeat, Hello, Message, PROTOCOL_VERSION,
-    Reserve, Reserved, RunningSession,
+    Reserve, Reserved, RunningSession, SessionUpdate,
 };
-use framecast_shared::state::SessionState;
+use framecast_shared::state::{EndReason, SessionState};
 use framecast_shared::time::Timestamp;
 use framecast_shared::tls::{DevCa, IssuedCert, Role, client_config};
 use framecast_shared::units::{ComputeShare, EncoderUnits, Megabytes};
@@ -72,6 +72,7 @@ impl AgentState for TestAgent {
             seq,
             sent_at: Timestamp::now(),
             gpus: Vec::new(),
+            warm: None,
         }
     }
 
@@ -110,6 +111,7 @@ struct Running {
     agent: Arc<Mutex<TestAgent>>,
     shutdown: watch::Sender<bool>,
     state: watch::Receiver<LinkState>,
+    outbox: mpsc::UnboundedSender<Message>,
     task: tokio::task::JoinHandle<Result<(), LinkError>>,
 }
 
@@ -119,12 +121,23 @@ fn start_agent(config: LinkConfig, generation: u64) -> Running {
     }));
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (state_tx, state) = watch::channel(LinkState::Connecting);
+    let (outbox, outbox_rx) = mpsc::unbounded_channel();
     let shared: Arc<Mutex<dyn AgentState>> = agent.clone();
-    let task = tokio::spawn(link::run(config, shared, generation, shutdown_rx, state_tx));
+    let task = tokio::spawn(link::run(
+        config,
+        shared,
+        generation,
+        LinkChannels {
+            shutdown: shutdown_rx,
+            state: state_tx,
+            outbox: outbox_rx,
+        },
+    ));
     Running {
         agent,
         shutdown,
         state,
+        outbox,
         task,
     }
 }
@@ -178,6 +191,27 @@ async fn hello_welcome_heartbeats_and_commands_over_mutual_tls() {
                 Some(Message::Heartbeat(_)) => continue,
                 Some(Message::Reserved(r)) => {
                     assert_eq!((r.request_id, r.session_id), (42, session_id));
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // What the agent says on its own (an instance crashed) reaches the broker too.
+        running
+            .outbox
+            .send(Message::SessionUpdate(SessionUpdate {
+                generation: 7,
+                session_id,
+                state: SessionState::Ended(EndReason::Error),
+                at: Timestamp::from_millis(1_800_000_001_000),
+            }))
+            .unwrap();
+        loop {
+            match read_message(&mut recv, DEFAULT_MAX_FRAME).await.unwrap() {
+                Some(Message::Heartbeat(_)) => continue,
+                Some(Message::SessionUpdate(u)) => {
+                    assert_eq!(u.session_id, session_id);
+                    assert_eq!(u.state, SessionState::Ended(EndReason::Error));
                     break;
                 }
                 other => panic!("{other:?}"),

@@ -43,6 +43,17 @@ impl Cgroups {
         }
     }
 
+    /// No cgroup subtree configured: instances run without limits, which is logged now.
+    pub fn disabled() -> Self {
+        tracing::warn!(
+            "instances.cgroup_root is not set: game instances run without CPU and memory limits"
+        );
+        Self {
+            root: None,
+            warned: AtomicBool::new(true),
+        }
+    }
+
     /// Whether limits are applied.
     pub fn enabled(&self) -> bool {
         self.root.is_some()

@@ -139,6 +139,66 @@ impl Supervisor {
         Some(id)
     }
 
+    /// Takes instance `id` for `session`, if it is warm (ready). The caller names the instance
+    /// when the broker chose a slot that holds one.
+    pub fn assign_instance(&mut self, id: InstanceId, session: SessionId) -> bool {
+        match self.instances.get_mut(&id) {
+            Some(inst) if inst.state == InstanceState::Warm => {
+                inst.state = InstanceState::Active(session);
+                self.reconcile_targets();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Launches a fresh instance of `game` at `tier` for `session` (a cold start: no warm
+    /// instance was ready). A crash before or after it is up ends the session.
+    pub fn start_for_session(
+        &mut self,
+        game: GameId,
+        tier: TierName,
+        session: SessionId,
+    ) -> InstanceId {
+        let id = self.new_id();
+        self.actions.push_back(Action::Start {
+            id,
+            game: game.clone(),
+            tier: tier.clone(),
+        });
+        self.instances.insert(
+            id,
+            Instance {
+                game,
+                tier,
+                state: InstanceState::Active(session),
+                crashes: 0,
+            },
+        );
+        id
+    }
+
+    /// Stops instance `id` if it is not running a session (its slot is wanted for another
+    /// session); a replacement starts if the targets still ask for one. Returns whether it was
+    /// stopped.
+    pub fn evict(&mut self, id: InstanceId) -> bool {
+        let Some(inst) = self.instances.get_mut(&id) else {
+            return false;
+        };
+        match inst.state {
+            InstanceState::Active(_) | InstanceState::Stopping => return false,
+            InstanceState::Backoff { .. } => {
+                self.instances.remove(&id);
+            }
+            InstanceState::Starting | InstanceState::Warm => {
+                inst.state = InstanceState::Stopping;
+                self.actions.push_back(Action::Stop { id });
+            }
+        }
+        self.reconcile_targets();
+        true
+    }
+
     /// Adopts an instance already running `session` (after an agent restart).
     pub fn adopt_active(&mut self, game: GameId, tier: TierName, session: SessionId) -> InstanceId {
         let id = self.new_id();
@@ -308,8 +368,16 @@ impl Supervisor {
                 let mut surplus = pool;
                 surplus.sort_by_key(|(id, s)| (rank(s), *id));
                 for (id, state) in surplus.into_iter().take(excess) {
+                    // A start still queued is cancelled rather than launched and stopped.
+                    let queued = self
+                        .actions
+                        .iter()
+                        .position(|a| matches!(a, Action::Start { id: a_id, .. } if *a_id == id));
                     if let Some(inst) = self.instances.get_mut(&id) {
-                        if let InstanceState::Backoff { .. } = state {
+                        if let Some(at) = queued {
+                            self.actions.remove(at);
+                            self.instances.remove(&id);
+                        } else if let InstanceState::Backoff { .. } = state {
                             self.instances.remove(&id);
                         } else {
                             inst.state = InstanceState::Stopping;
@@ -469,6 +537,45 @@ mod tests {
         assert!(
             s.instances()
                 .any(|(i, _, _, st)| i == id && st == InstanceState::Active(sid(3)))
+        );
+    }
+
+    #[test]
+    fn a_queued_start_that_becomes_surplus_is_cancelled_not_launched() {
+        let mut s = Supervisor::new(backoff());
+        s.set_targets([(key("arena", "720p"), 2)]);
+        s.set_targets([(key("arena", "720p"), 1)]);
+        let actions = drain(&mut s, T0);
+        assert!(
+            matches!(actions.as_slice(), [Action::Start { .. }]),
+            "{actions:?}"
+        );
+        assert_eq!(s.instances().count(), 1);
+    }
+
+    #[test]
+    fn sessions_take_named_warm_instances_or_start_their_own() {
+        let mut s = Supervisor::new(backoff());
+        s.set_targets([(key("arena", "720p"), 1)]);
+        let warm = one_start(&mut s);
+        assert!(!s.assign_instance(warm, sid(1)), "not ready yet");
+        s.started(warm);
+        assert!(s.assign_instance(warm, sid(1)));
+        let replacement = one_start(&mut s);
+        // A cold start for a session is active from the start; its crash ends the session.
+        let (game, tier) = key("puzzle", "4k");
+        let cold = s.start_for_session(game, tier, sid(2));
+        assert!(matches!(drain(&mut s, T0).as_slice(), [Action::Start { id, .. }] if *id == cold));
+        let ended = s.exited(cold, T0, Duration::ZERO, Duration::from_secs(30));
+        assert_eq!(ended.map(|e| e.session), Some(sid(2)));
+        // Evicting the warm replacement stops it and queues another; an active one stays.
+        s.started(replacement);
+        assert!(s.evict(replacement));
+        assert!(!s.evict(warm), "a session's instance is never evicted");
+        let actions = drain(&mut s, T0);
+        assert!(
+            matches!(actions.as_slice(), [Action::Stop { id }, Action::Start { .. }] if *id == replacement),
+            "{actions:?}"
         );
     }
 }

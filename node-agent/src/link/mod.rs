@@ -121,22 +121,38 @@ async fn send_bounded(
     }
 }
 
-/// Runs the link until the broker refuses the agent or `shutdown` turns true. The state is
-/// published on `state_tx`.
+/// The link's channels to the rest of the agent.
+#[derive(Debug)]
+pub struct LinkChannels {
+    /// Turns true when the agent shuts down.
+    pub shutdown: watch::Receiver<bool>,
+    /// Where the link publishes its state.
+    pub state: watch::Sender<LinkState>,
+    /// Messages the agent sends on its own (a session that ended on the node). Those queued
+    /// while the link is down are dropped: the next `hello` carries the full state.
+    pub outbox: mpsc::UnboundedReceiver<Message>,
+}
+
+/// Runs the link until the broker refuses the agent or `shutdown` turns true.
 pub async fn run(
     config: LinkConfig,
     agent: Shared,
     generation: u64,
-    mut shutdown: watch::Receiver<bool>,
-    state_tx: watch::Sender<LinkState>,
+    channels: LinkChannels,
 ) -> Result<(), LinkError> {
+    let LinkChannels {
+        mut shutdown,
+        state: state_tx,
+        mut outbox,
+    } = channels;
     let endpoint = client_endpoint(&config)?;
     let mut delay = config.backoff_min;
     loop {
         let _ = state_tx.send(LinkState::Connecting);
+        while outbox.try_recv().is_ok() {}
         let mut welcomed_at = None;
         let outcome = tokio::select! {
-            r = session(&endpoint, &config, &agent, generation, &state_tx, &mut welcomed_at) => r,
+            r = session(&endpoint, Ctx { config: &config, agent: &agent, generation, state_tx: &state_tx, welcomed_at: &mut welcomed_at, outbox: &mut outbox }) => r,
             _ = shutdown.changed() => Ok(Ended::Shutdown),
         };
         match outcome {
@@ -194,15 +210,25 @@ fn client_endpoint(config: &LinkConfig) -> Result<quinn::Endpoint, LinkError> {
     Ok(endpoint)
 }
 
-/// One connection, from dialling to its end.
-async fn session(
-    endpoint: &quinn::Endpoint,
-    config: &LinkConfig,
-    agent: &Shared,
+/// What one connection works with.
+struct Ctx<'a> {
+    config: &'a LinkConfig,
+    agent: &'a Shared,
     generation: u64,
-    state_tx: &watch::Sender<LinkState>,
-    welcomed_at: &mut Option<std::time::Instant>,
-) -> Result<Ended, LinkError> {
+    state_tx: &'a watch::Sender<LinkState>,
+    /// Set when the broker welcomes the agent.
+    welcomed_at: &'a mut Option<std::time::Instant>,
+    outbox: &'a mut mpsc::UnboundedReceiver<Message>,
+}
+
+/// One connection, from dialling to its end.
+async fn session(endpoint: &quinn::Endpoint, ctx: Ctx<'_>) -> Result<Ended, LinkError> {
+    let Ctx {
+        config,
+        agent,
+        generation,
+        ..
+    } = ctx;
     let retry = |what: &str, e: &dyn std::fmt::Display| Ok(Ended::Retry(format!("{what}: {e}")));
     let connecting = match endpoint.connect(config.broker, &config.server_name) {
         Ok(c) => c,
@@ -216,7 +242,12 @@ async fn session(
         Ok(s) => s,
         Err(e) => return retry("open stream", &e),
     };
-    let hello = lock(agent).hello(generation);
+    // Whatever the agent queued before this point is part of the hello's full state.
+    let hello = {
+        let agent = lock(agent);
+        while ctx.outbox.try_recv().is_ok() {}
+        agent.hello(generation)
+    };
     if let Err(e) = send_bounded(&mut send, &Message::Hello(hello), config.max_frame).await {
         return retry("send hello", &e);
     }
@@ -234,16 +265,7 @@ async fn session(
             }
         }
     });
-    let ended = converse(
-        &mut send,
-        &mut rx,
-        config,
-        agent,
-        generation,
-        state_tx,
-        welcomed_at,
-    )
-    .await;
+    let ended = converse(&mut send, &mut rx, ctx).await;
     reader.abort();
     conn.close(0u32.into(), b"bye");
     ended
@@ -252,12 +274,16 @@ async fn session(
 async fn converse(
     send: &mut quinn::SendStream,
     rx: &mut mpsc::Receiver<Result<Option<Message>, FrameIoError>>,
-    config: &LinkConfig,
-    agent: &Shared,
-    generation: u64,
-    state_tx: &watch::Sender<LinkState>,
-    welcomed_at: &mut Option<std::time::Instant>,
+    ctx: Ctx<'_>,
 ) -> Result<Ended, LinkError> {
+    let Ctx {
+        config,
+        agent,
+        generation,
+        state_tx,
+        welcomed_at,
+        outbox,
+    } = ctx;
     let interval = match rx.recv().await {
         Some(Ok(Some(Message::Welcome(w)))) => {
             accept_welcome(w.protocol_version, MIN_SUPPORTED_VERSION, PROTOCOL_VERSION)?;
@@ -296,6 +322,11 @@ async fn converse(
                 let hb = lock(agent).heartbeat(generation, seq);
                 if let Err(e) = send_bounded(send, &Message::Heartbeat(hb), config.max_frame).await {
                     return Ok(Ended::Retry(format!("send heartbeat: {e}")));
+                }
+            }
+            Some(own) = outbox.recv() => {
+                if let Err(e) = send_bounded(send, &own, config.max_frame).await {
+                    return Ok(Ended::Retry(format!("send {}: {e}", own.kind())));
                 }
             }
             incoming = rx.recv() => {

@@ -30,9 +30,58 @@ pub struct AgentConfig {
     pub vgpu: VgpuConfig,
     /// The WHEP endpoint players connect to.
     pub whep: WhepConfig,
+    /// How game instances are supervised and limited.
+    #[serde(default)]
+    pub instances: InstancesConfig,
+    /// The operations endpoint: `/metrics`, `/livez`, `/readyz`.
+    #[serde(default)]
+    pub http: AgentHttpConfig,
     /// Games this node can run.
     #[serde(default)]
     pub games: Vec<AgentGameConfig>,
+}
+
+/// `[instances]`: supervision of game instances.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InstancesConfig {
+    /// A cgroup v2 directory delegated to the agent (systemd `Delegate=yes`); each instance
+    /// gets a child with CPU and memory limits. Absent: no limits, which the agent logs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_root: Option<PathBuf>,
+    /// First restart delay of a crashed warm instance, ms; it doubles per crash in a row.
+    pub restart_backoff_min_ms: u64,
+    /// Longest restart delay, ms.
+    pub restart_backoff_max_ms: u64,
+    /// A warm instance that ran this long before crashing counts as healthy again, s.
+    pub healthy_after_s: u64,
+}
+
+impl Default for InstancesConfig {
+    fn default() -> Self {
+        Self {
+            cgroup_root: None,
+            restart_backoff_min_ms: 1_000,
+            restart_backoff_max_ms: 60_000,
+            healthy_after_s: 30,
+        }
+    }
+}
+
+/// `[http]`: the agent's operations endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentHttpConfig {
+    /// Address for `/metrics`, `/livez` and `/readyz`.
+    pub listen: SocketAddr,
+}
+
+impl Default for AgentHttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9101)),
+        }
+    }
 }
 
 /// `[broker]`: the control-plane link.
@@ -150,6 +199,8 @@ impl Default for AgentConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
                 public_url: None,
             },
+            instances: InstancesConfig::default(),
+            http: AgentHttpConfig::default(),
             games: Vec::new(),
         }
     }
@@ -207,6 +258,29 @@ impl Validate for AgentConfig {
             &self.vgpu.sysfs_root,
             "must be an absolute path",
         );
+
+        let mut instances = c.section("instances");
+        if let Some(root) = &self.instances.cgroup_root {
+            instances.check(
+                root.is_absolute(),
+                "cgroup_root",
+                root,
+                "must be an absolute path",
+            );
+        }
+        instances.range(
+            "restart_backoff_min_ms",
+            self.instances.restart_backoff_min_ms,
+            10,
+            3_600_000,
+        );
+        instances.check(
+            self.instances.restart_backoff_max_ms >= self.instances.restart_backoff_min_ms,
+            "restart_backoff_max_ms",
+            self.instances.restart_backoff_max_ms,
+            "must be at least restart_backoff_min_ms",
+        );
+        instances.range("healthy_after_s", self.instances.healthy_after_s, 1, 86_400);
 
         if let Some(url) = &self.whep.public_url {
             c.section("whep").check(

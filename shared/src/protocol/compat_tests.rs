@@ -129,6 +129,7 @@ fn absent_optional_fields_read_as_none() {
             encoder_utilization_pct: Some(40),
             gpu_utilization_pct: Some(60),
         }],
+        warm: None,
     });
     let mut value = to_value(&heartbeat);
     let Value::Map(top) = &mut value else {

@@ -188,6 +188,14 @@ pub struct Heartbeat {
     /// Current free capacity per GPU.
     #[cfg_attr(test, proptest(strategy = "crate::test_support::small_vec()"))]
     pub gpus: Vec<GpuUsage>,
+    /// The node's idle warm instances now, the whole set (warm instances start and stop
+    /// between hellos). Absent from agents that keep no warm instances.
+    #[serde(default)]
+    #[cfg_attr(
+        test,
+        proptest(strategy = "proptest::option::of(crate::test_support::small_vec())")
+    )]
+    pub warm: Option<Vec<WarmInstance>>,
 }
 
 /// Free capacity of one GPU at a heartbeat.

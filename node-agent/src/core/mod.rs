@@ -2,16 +2,25 @@
 //! and how it executes `reserve`, `release`, `pool-plan` and `drain`.
 //!
 //! Each session holds its [`EncoderLease`] for its whole life, so every path that ends a
-//! session — a release, a failed reservation, an agent shutting down — gives the encoder slot
-//! back by dropping it.
+//! session — a release, a failed reservation, a crashed instance, an agent shutting down —
+//! gives the encoder slot back by dropping it.
+//!
+//! Game instances are decided here too (see [`instances`]): one supervisor per GPU keeps the
+//! warm instances the pool plan asks for in the GPU's free slots, and a reservation takes the
+//! warm instance in its slot or starts a fresh one. The runner executes what the core decides.
+
+mod instances;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
 
 use framecast_shared::config::agent::AgentGameConfig;
 use framecast_shared::ids::{GameId, GpuId, NodeId, RegionName, SessionId, TierName};
 use framecast_shared::protocol::{
     GpuInventory, GpuUsage, Heartbeat, Hello, Message, PROTOCOL_VERSION, RejectReason, Rejected,
-    Reserve, Reserved, RunningSession, SessionUpdate,
+    Reserve, Reserved, RunningSession, SessionUpdate, WarmTarget,
 };
 use framecast_shared::state::{EndReason, SessionState};
 use framecast_shared::tier::TierPreset;
@@ -19,6 +28,7 @@ use framecast_shared::time::Timestamp;
 use framecast_shared::units::{EncoderUnits, Megabytes};
 
 use crate::encoder::{EncoderError, EncoderLease, EncoderSlots};
+use crate::instances::supervisor::{Backoff, InstanceId, Supervisor};
 use crate::inventory::DiscoveredGpu;
 use crate::link::AgentState;
 use crate::vgpu::{VgpuPool, plan};
@@ -43,6 +53,24 @@ struct Held {
     _lease: EncoderLease,
 }
 
+/// How instances are supervised.
+#[derive(Debug, Clone, Copy)]
+pub struct InstancePolicy {
+    /// Restart backoff of crashed warm instances.
+    pub backoff: Backoff,
+    /// A warm instance that ran this long before crashing counts as healthy again.
+    pub healthy_after: std::time::Duration,
+}
+
+impl Default for InstancePolicy {
+    fn default() -> Self {
+        Self {
+            backoff: Backoff::default(),
+            healthy_after: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
 /// The agent's state.
 pub struct AgentCore {
     node_id: NodeId,
@@ -58,6 +86,15 @@ pub struct AgentCore {
     /// This process's generation, stamped on session updates.
     generation: u64,
     clock: Box<dyn Fn() -> Timestamp + Send>,
+    /// One instance supervisor per GPU.
+    supervisors: BTreeMap<GpuId, Supervisor>,
+    /// The warm instances the newest pool plan asks for, per GPU.
+    warm_plan: BTreeMap<GpuId, Vec<WarmTarget>>,
+    /// The slot each live instance occupies, and its vGPU where the GPU is sliced.
+    instance_slots: BTreeMap<(GpuId, InstanceId), (u32, Option<uuid::Uuid>)>,
+    policy: InstancePolicy,
+    /// Notified whenever instance commands are queued.
+    wake: Arc<Notify>,
 }
 
 impl std::fmt::Debug for AgentCore {
@@ -84,6 +121,10 @@ impl AgentCore {
         pool: VgpuPool,
         clock: Box<dyn Fn() -> Timestamp + Send>,
     ) -> Self {
+        let supervisors = gpus
+            .iter()
+            .map(|g| (g.found.id.clone(), Supervisor::new(Backoff::default())))
+            .collect();
         Self {
             node_id,
             region,
@@ -97,7 +138,26 @@ impl AgentCore {
             draining: None,
             generation: 0,
             clock,
+            supervisors,
+            warm_plan: BTreeMap::new(),
+            instance_slots: BTreeMap::new(),
+            policy: InstancePolicy::default(),
+            wake: Arc::new(Notify::new()),
         }
+    }
+
+    /// Sets how instances are supervised.
+    pub fn with_policy(mut self, policy: InstancePolicy) -> Self {
+        self.policy = policy;
+        for s in self.supervisors.values_mut() {
+            *s = Supervisor::new(policy.backoff);
+        }
+        self
+    }
+
+    /// Notified whenever the core queues instance commands, for the runner.
+    pub fn wake_handle(&self) -> Arc<Notify> {
+        Arc::clone(&self.wake)
     }
 
     /// Sets this process's generation (from the data directory), which session updates carry.
@@ -165,14 +225,13 @@ impl AgentCore {
                 format!("{} is not on this node", r.gpu),
             );
         };
-        if !self.games.is_empty() && !self.games.iter().any(|g| g.id == r.game) {
-            return reject(
-                RejectReason::UnknownGame,
-                format!("{} is not in this node's catalogue", r.game),
-            );
-        }
-        if !self.tiers.iter().any(|t| t.name == r.tier) {
-            return reject(RejectReason::Other, format!("unknown tier {}", r.tier));
+        if let Err(detail) = self.runnable(&r.game, &r.tier) {
+            let reason = if detail.contains("catalogue") {
+                RejectReason::UnknownGame
+            } else {
+                RejectReason::Other
+            };
+            return reject(reason, detail);
         }
         if self
             .sessions
@@ -194,7 +253,9 @@ impl AgentCore {
                 return reject(RejectReason::EncoderBusy, e.to_string());
             }
         };
-        tracing::info!(session_id = %r.session_id, gpu = %r.gpu, slot = r.slot, "reserved");
+        let warm = self.instance_for(&r);
+        tracing::info!(session_id = %r.session_id, gpu = %r.gpu, slot = r.slot, warm, "reserved");
+        let gpu_id = r.gpu.clone();
         self.sessions.insert(
             r.session_id,
             Held {
@@ -207,17 +268,23 @@ impl AgentCore {
                 _lease: lease,
             },
         );
+        self.refresh_targets(&gpu_id);
         Message::Reserved(Reserved {
             request_id: r.request_id,
             session_id: r.session_id,
-            warm: false,
+            warm,
         })
     }
 
     fn end(&mut self, session: &SessionId, reason: EndReason) -> Option<Message> {
         // Dropping the entry drops its encoder lease.
-        self.sessions.remove(session)?;
+        let held = self.sessions.remove(session)?;
         tracing::info!(session_id = %session, %reason, "session ended");
+        if let Some(sup) = self.supervisors.get_mut(&held.gpu) {
+            // Its instance stops (if it still runs); a fresh warm one may take the slot.
+            sup.release(session);
+        }
+        self.refresh_targets(&held.gpu);
         Some(Message::SessionUpdate(SessionUpdate {
             generation: self.generation,
             session_id: *session,
@@ -266,7 +333,7 @@ impl AgentState for AgentCore {
                     since: h.since,
                 })
                 .collect(),
-            warm: Vec::new(),
+            warm: self.warm_instances(),
             cpu_millicores: self.cpu_millicores,
         }
     }
@@ -290,6 +357,7 @@ impl AgentState for AgentCore {
                     }
                 })
                 .collect(),
+            warm: Some(self.warm_instances()),
         }
     }
 
@@ -300,15 +368,32 @@ impl AgentState for AgentCore {
             Message::PoolPlan(p) if p.plan_generation > self.plan_generation => {
                 self.plan_generation = p.plan_generation;
                 let busy: Vec<GpuId> = self.sessions.values().map(|h| h.gpu.clone()).collect();
+                // Warm instances on a GPU whose vGPUs change are stopped first; the new
+                // targets start them again on the new vGPUs.
+                for g in &p.gpus {
+                    let held = self.pool.vgpus_with_profile(&g.gpu);
+                    let reslice = held.first().map(|(_, profile)| profile) != g.profile.as_ref()
+                        || held.len() > usize::from(g.vgpus);
+                    if reslice && !busy.contains(&g.gpu) && self.pool.has_gpu(&g.gpu) {
+                        self.warm_plan.remove(&g.gpu);
+                        self.refresh_targets(&g.gpu);
+                    }
+                }
                 let progress = plan::apply(&mut self.pool, &p, &|gpu, _| busy.contains(gpu));
                 if !progress.complete() {
                     tracing::warn!(plan = p.plan_generation, failures = ?progress.failures, "pool plan applied in part");
                 }
+                self.set_warm_plan(&p);
                 Vec::new()
             }
             Message::PoolPlan(_) => Vec::new(),
             Message::Drain(d) => {
                 self.draining = Some(d.deadline);
+                // No new sessions: warm instances would only hold slots.
+                let gpus: Vec<GpuId> = self.supervisors.keys().cloned().collect();
+                for gpu in gpus {
+                    self.refresh_targets(&gpu);
+                }
                 Vec::new()
             }
             _ => Vec::new(),
@@ -328,9 +413,9 @@ mod tests {
     use crate::vgpu::GpuHandle;
     use crate::vgpu::simulated::SimulatedBackend;
 
-    const T0: Timestamp = Timestamp::from_millis(1_800_000_000_000);
+    pub(super) const T0: Timestamp = Timestamp::from_millis(1_800_000_000_000);
 
-    fn core() -> AgentCore {
+    pub(super) fn core() -> AgentCore {
         let file = framecast_shared::config::inventory::SimulatedGpus {
             gpus: vec![framecast_shared::config::inventory::SimulatedGpuGroup {
                 model: "l4".into(),
@@ -371,7 +456,7 @@ mod tests {
         .with_generation(5)
     }
 
-    fn reserve(n: u128, gpu: &str, slot: u32, encoder_milli: u32) -> Message {
+    pub(super) fn reserve(n: u128, gpu: &str, slot: u32, encoder_milli: u32) -> Message {
         Message::Reserve(Reserve {
             request_id: u64::try_from(n).unwrap(),
             session_id: SessionId::new(T0, n),

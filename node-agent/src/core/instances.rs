@@ -1,0 +1,516 @@
+//! The core's side of game instances: which slot each holds, the warm targets per GPU, and
+//! the commands the runner executes.
+//!
+//! Every GPU has one [`Supervisor`]. Its warm targets come from the pool plan, clamped to the
+//! slots no session holds (and to none while the node drains). A warm instance takes the
+//! lowest free slot and a vGPU no other instance uses; a session's instance takes the slot the
+//! broker chose.
+
+use std::time::Duration;
+
+use framecast_shared::config::agent::AgentGameConfig;
+use framecast_shared::gpu::GpuMode;
+use framecast_shared::ids::{GameId, GpuId, TierName};
+use framecast_shared::protocol::{Message, PoolPlan, Reserve, WarmInstance};
+use framecast_shared::time::Timestamp;
+
+use super::AgentCore;
+use crate::instances::launch::LaunchSpec;
+use crate::instances::runner::{InstanceCommand, InstanceHost, InstanceKey};
+use crate::instances::supervisor::{Action, InstanceId, InstanceState};
+
+impl AgentCore {
+    /// Whether this node can run `game` at `tier`; the reason in words when not.
+    pub(super) fn runnable(&self, game: &GameId, tier: &TierName) -> Result<(), String> {
+        if !self.tiers.iter().any(|t| &t.name == tier) {
+            return Err(format!("unknown tier {tier}"));
+        }
+        match self.game_config(game) {
+            None => Err(format!("{game} is not in this node's catalogue")),
+            Some(g) if !g.tiers.is_empty() && !g.tiers.contains(tier) => {
+                Err(format!("{game} does not run at {tier} on this node"))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// The game's launch settings: from the catalogue, or the synthetic game when the node
+    /// has no catalogue.
+    fn game_config(&self, game: &GameId) -> Option<AgentGameConfig> {
+        if self.games.is_empty() {
+            return Some(AgentGameConfig {
+                id: game.clone(),
+                command: None,
+                args: Vec::new(),
+                env: Default::default(),
+                tiers: Vec::new(),
+            });
+        }
+        self.games.iter().find(|g| &g.id == game).cloned()
+    }
+
+    /// Takes the warm instance in the reserved slot if it fits the session, else starts a
+    /// fresh one there (stopping whatever else held the slot). Returns whether it was warm.
+    pub(super) fn instance_for(&mut self, r: &Reserve) -> bool {
+        let in_slot = self
+            .instance_slots
+            .iter()
+            .find(|((gpu, _), (slot, _))| gpu == &r.gpu && *slot == r.slot)
+            .map(|((_, id), _)| *id);
+        let Some(sup) = self.supervisors.get_mut(&r.gpu) else {
+            // Unreachable: reserve checked the GPU. Start nothing rather than panic.
+            return false;
+        };
+        if let Some(id) = in_slot {
+            let fits = sup.instances().any(|(i, game, tier, state)| {
+                i == id && game == &r.game && tier == &r.tier && state == InstanceState::Warm
+            });
+            if fits && sup.assign_instance(id, r.session_id) {
+                return true;
+            }
+            // The broker's view was older than ours: the slot holds something else.
+            sup.evict(id);
+            self.instance_slots.remove(&(r.gpu.clone(), id));
+        }
+        let id = sup.start_for_session(r.game.clone(), r.tier.clone(), r.session_id);
+        self.instance_slots
+            .insert((r.gpu.clone(), id), (r.slot, None));
+        self.wake.notify_one();
+        false
+    }
+
+    /// Keeps the newest plan's warm targets and applies them.
+    pub(super) fn set_warm_plan(&mut self, plan: &PoolPlan) {
+        for g in &plan.gpus {
+            if !self.supervisors.contains_key(&g.gpu) {
+                continue;
+            }
+            let targets = g
+                .warm
+                .iter()
+                .filter(|t| match self.runnable(&t.game, &t.tier) {
+                    Ok(()) => true,
+                    Err(why) => {
+                        tracing::warn!(gpu = %g.gpu, game = %t.game, tier = %t.tier, %why, "warm target ignored");
+                        false
+                    }
+                })
+                .cloned()
+                .collect();
+            self.warm_plan.insert(g.gpu.clone(), targets);
+            self.refresh_targets(&g.gpu);
+        }
+    }
+
+    /// Slots on `gpu` instances can use: one per vGPU where the GPU is sliced, one on an
+    /// exclusive GPU, none otherwise (a sliced GPU without vGPUs waits for its plan).
+    fn slot_capacity(&self, gpu: &GpuId) -> u32 {
+        let vgpus = self.pool.vgpus(gpu).len();
+        let exclusive = self
+            .gpu(gpu)
+            .is_some_and(|g| g.found.mode == GpuMode::Exclusive);
+        if vgpus > 0 {
+            u32::try_from(vgpus).unwrap_or(u32::MAX)
+        } else {
+            u32::from(exclusive)
+        }
+    }
+
+    /// Gives `gpu`'s supervisor its warm targets: the plan's, within the slots sessions leave
+    /// free, first targets first; none while draining.
+    pub(super) fn refresh_targets(&mut self, gpu: &GpuId) {
+        let sessions = self.sessions.values().filter(|h| &h.gpu == gpu).count();
+        let mut free = if self.draining.is_some() {
+            0
+        } else {
+            usize::try_from(self.slot_capacity(gpu))
+                .unwrap_or(usize::MAX)
+                .saturating_sub(sessions)
+        };
+        let targets: Vec<_> = self
+            .warm_plan
+            .get(gpu)
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                let n = usize::from(t.count).min(free);
+                free -= n;
+                (
+                    (t.game.clone(), t.tier.clone()),
+                    u16::try_from(n).unwrap_or(u16::MAX),
+                )
+            })
+            .collect();
+        if let Some(sup) = self.supervisors.get_mut(gpu) {
+            sup.set_targets(targets);
+            self.wake.notify_one();
+        }
+    }
+
+    /// The lowest slot of `gpu` that no session and no instance holds, with a vGPU no
+    /// instance uses (where the GPU has vGPUs).
+    fn free_slot(&self, gpu: &GpuId) -> Option<(u32, Option<uuid::Uuid>)> {
+        let taken = |slot: u32| {
+            self.sessions
+                .values()
+                .any(|h| &h.gpu == gpu && h.slot == slot)
+                || self
+                    .instance_slots
+                    .iter()
+                    .any(|((g, _), (s, _))| g == gpu && *s == slot)
+        };
+        let slot = (0..self.slot_capacity(gpu)).find(|s| !taken(*s))?;
+        Some((slot, self.free_vgpu(gpu)))
+    }
+
+    /// A vGPU of `gpu` that no instance uses.
+    fn free_vgpu(&self, gpu: &GpuId) -> Option<uuid::Uuid> {
+        self.pool.vgpus(gpu).into_iter().map(|v| v.uuid).find(|u| {
+            !self
+                .instance_slots
+                .iter()
+                .any(|((g, _), (_, v))| g == gpu && v.as_ref() == Some(u))
+        })
+    }
+
+    /// The launch spec for instance `id` on `gpu`, recording its slot and vGPU. `None` when
+    /// there is no room (the instance is dropped) or its game or tier is gone.
+    fn launch_spec(
+        &mut self,
+        gpu: &GpuId,
+        id: InstanceId,
+        game: &GameId,
+        tier: &TierName,
+    ) -> Option<LaunchSpec> {
+        let key = (gpu.clone(), id);
+        let (slot, vgpu) = match self.instance_slots.get(&key).copied() {
+            // A session's instance: its slot is the reserved one; give it a vGPU now.
+            Some((slot, None)) => (slot, self.free_vgpu(gpu)),
+            Some(placed) => placed,
+            None => self.free_slot(gpu)?,
+        };
+        self.instance_slots.insert(key, (slot, vgpu));
+        let preset = self.tiers.iter().find(|t| &t.name == tier)?;
+        let config = self.game_config(game)?;
+        let name = format!("instance-{id}-{gpu}");
+        Some(LaunchSpec::new(name, &config, preset, gpu, vgpu))
+    }
+
+    /// Forgets the slots of instances the supervisors no longer know.
+    fn prune_slots(&mut self) {
+        let sups = &self.supervisors;
+        self.instance_slots.retain(|(gpu, id), _| {
+            sups.get(gpu)
+                .is_some_and(|s| s.instances().any(|(i, ..)| i == *id))
+        });
+    }
+
+    /// Ready warm instances, for `hello` and heartbeats.
+    pub(super) fn warm_instances(&self) -> Vec<WarmInstance> {
+        let mut out = Vec::new();
+        for (gpu, sup) in &self.supervisors {
+            for (id, game, tier, state) in sup.instances() {
+                if state != InstanceState::Warm {
+                    continue;
+                }
+                if let Some((slot, _)) = self.instance_slots.get(&(gpu.clone(), id)) {
+                    out.push(WarmInstance {
+                        gpu: gpu.clone(),
+                        slot: *slot,
+                        game: game.clone(),
+                        tier: tier.clone(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Instances per state and tier, for metrics: (tier, warm, active).
+    pub fn instance_counts(&self) -> Vec<(TierName, u32, u32)> {
+        let mut counts: std::collections::BTreeMap<TierName, (u32, u32)> = self
+            .tiers
+            .iter()
+            .map(|t| (t.name.clone(), (0, 0)))
+            .collect();
+        for sup in self.supervisors.values() {
+            for (_, _, tier, state) in sup.instances() {
+                let entry = counts.entry(tier.clone()).or_default();
+                match state {
+                    InstanceState::Warm => entry.0 += 1,
+                    InstanceState::Active(_) => entry.1 += 1,
+                    _ => {}
+                }
+            }
+        }
+        counts
+            .into_iter()
+            .map(|(tier, (warm, active))| (tier, warm, active))
+            .collect()
+    }
+}
+
+impl InstanceHost for AgentCore {
+    fn poll_command(&mut self, now: Timestamp) -> Option<InstanceCommand> {
+        let gpus: Vec<GpuId> = self.supervisors.keys().cloned().collect();
+        for gpu in gpus {
+            loop {
+                let action = self.supervisors.get_mut(&gpu)?.poll_action(now);
+                match action {
+                    None => break,
+                    Some(Action::Stop { id }) => {
+                        return Some(InstanceCommand::Stop {
+                            key: InstanceKey { gpu, id },
+                        });
+                    }
+                    Some(Action::Start { id, game, tier }) => {
+                        match self.launch_spec(&gpu, id, &game, &tier) {
+                            Some(spec) => {
+                                return Some(InstanceCommand::Start {
+                                    key: InstanceKey { gpu, id },
+                                    spec,
+                                });
+                            }
+                            None => {
+                                // No free slot after all: drop it; targets are re-clamped
+                                // on the next change.
+                                tracing::warn!(gpu = %gpu, instance = id, "no slot for a warm instance");
+                                if let Some(sup) = self.supervisors.get_mut(&gpu) {
+                                    sup.evict(id);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    fn started(&mut self, key: &InstanceKey, _pid: Option<u32>) {
+        if let Some(sup) = self.supervisors.get_mut(&key.gpu) {
+            sup.started(key.id);
+        }
+    }
+
+    fn exited(&mut self, key: &InstanceKey, now: Timestamp, ran: Duration) -> Vec<Message> {
+        let Some(sup) = self.supervisors.get_mut(&key.gpu) else {
+            return Vec::new();
+        };
+        let ended = sup.exited(key.id, now, ran, self.policy.healthy_after);
+        if !sup.instances().any(|(i, ..)| i == key.id) {
+            self.instance_slots.remove(&(key.gpu.clone(), key.id));
+        }
+        self.prune_slots();
+        self.wake.notify_one();
+        match ended {
+            Some(e) => {
+                tracing::warn!(session_id = %e.session, instance = %key, "the session's game instance exited");
+                self.end(&e.session, e.reason).into_iter().collect()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Timestamp> {
+        self.supervisors
+            .values()
+            .filter_map(|s| s.next_deadline())
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use framecast_shared::ids::SessionId;
+    use framecast_shared::protocol::{Drain, GpuPlan, PoolPlan, RejectReason, WarmTarget};
+    use framecast_shared::state::{EndReason, SessionState};
+
+    use super::super::tests::{T0, core, reserve};
+    use super::*;
+    use crate::link::AgentState;
+
+    fn plan(generation: u64, vgpus: u16, warm: &[(&str, &str, u16)]) -> Message {
+        Message::PoolPlan(PoolPlan {
+            plan_generation: generation,
+            gpus: vec![GpuPlan {
+                gpu: GpuId::new("sim-0").unwrap(),
+                mode: GpuMode::EqualSize,
+                profile: Some("L4-8Q".into()),
+                vgpus,
+                warm: warm
+                    .iter()
+                    .map(|(game, tier, count)| WarmTarget {
+                        game: GameId::new(*game).unwrap(),
+                        tier: TierName::new(*tier).unwrap(),
+                        count: *count,
+                    })
+                    .collect(),
+            }],
+        })
+    }
+
+    /// Runs every queued command the way the runner would, with every launch succeeding.
+    fn run_commands(c: &mut AgentCore) -> (Vec<LaunchSpec>, Vec<InstanceKey>) {
+        let (mut started, mut stopped) = (Vec::new(), Vec::new());
+        while let Some(cmd) = c.poll_command(T0) {
+            match cmd {
+                InstanceCommand::Start { key, spec } => {
+                    c.started(&key, None);
+                    started.push(spec);
+                }
+                InstanceCommand::Stop { key } => stopped.push(key),
+            }
+        }
+        (started, stopped)
+    }
+
+    fn warm_slots(c: &AgentCore) -> Vec<(u32, String)> {
+        c.hello(1)
+            .warm
+            .into_iter()
+            .map(|w| (w.slot, w.game.to_string()))
+            .collect()
+    }
+
+    fn reserve_game(n: u128, slot: u32, game: &str) -> Message {
+        let Message::Reserve(mut r) = reserve(n, "sim-0", slot, 1000) else {
+            unreachable!()
+        };
+        r.game = GameId::new(game).unwrap();
+        Message::Reserve(r)
+    }
+
+    #[test]
+    fn the_plan_starts_warm_instances_in_free_slots_each_on_its_own_vgpu() {
+        let mut c = core();
+        c.handle(plan(1, 3, &[("arena", "4k", 2)]));
+        let (started, _) = run_commands(&mut c);
+        assert_eq!(started.len(), 2);
+        let vgpus: Vec<_> = started
+            .iter()
+            .map(|s| s.env.get("FRAMECAST_VGPU"))
+            .collect();
+        assert!(vgpus.iter().all(Option::is_some));
+        assert_ne!(vgpus[0], vgpus[1], "two instances never share a vGPU");
+        assert_eq!(
+            warm_slots(&c),
+            [(0, "arena".to_owned()), (1, "arena".to_owned())]
+        );
+        let hb = c.heartbeat(1, 1);
+        assert_eq!(hb.warm.map(|w| w.len()), Some(2));
+        // Asking for more warm instances than the GPU has vGPUs keeps to the vGPUs.
+        c.handle(plan(2, 3, &[("arena", "4k", 5)]));
+        run_commands(&mut c);
+        assert_eq!(warm_slots(&c).len(), 3);
+    }
+
+    #[test]
+    fn a_reservation_takes_the_warm_instance_in_its_slot_and_a_replacement_starts() {
+        let mut c = core();
+        c.handle(plan(1, 3, &[("arena", "4k", 1)]));
+        run_commands(&mut c);
+        let out = c.handle(reserve_game(1, 0, "arena"));
+        assert!(
+            matches!(out.as_slice(), [Message::Reserved(r)] if r.warm),
+            "{out:?}"
+        );
+        // The warm instance became the session's; another starts in the next free slot.
+        let (started, stopped) = run_commands(&mut c);
+        assert_eq!((started.len(), stopped.len()), (1, 0));
+        assert_eq!(warm_slots(&c), [(1, "arena".to_owned())]);
+        // A session for another game in the warm slot: cold start, the warm one is stopped.
+        let out = c.handle(reserve_game(2, 1, "puzzle"));
+        assert!(
+            matches!(out.as_slice(), [Message::Reserved(r)] if !r.warm),
+            "{out:?}"
+        );
+        let (started, stopped) = run_commands(&mut c);
+        assert_eq!(stopped.len(), 1, "the warm instance in slot 1 stops");
+        // The session's own instance starts, and a warm replacement in the last free slot.
+        assert_eq!(started.len(), 2);
+        for key in stopped {
+            assert!(c.exited(&key, T0, Duration::from_secs(5)).is_empty());
+        }
+        assert_eq!(warm_slots(&c), [(2, "arena".to_owned())]);
+        // Every slot is taken now: a third session gets no warm instance and none restarts.
+        c.handle(reserve_game(3, 2, "arena"));
+        let (started, stopped) = run_commands(&mut c);
+        assert_eq!((started.len(), stopped.len()), (0, 0));
+        assert!(warm_slots(&c).is_empty());
+    }
+
+    #[test]
+    fn a_crashed_session_instance_ends_the_session_and_frees_its_encoder() {
+        let mut c = core();
+        let full = c.heartbeat(1, 1).gpus[0].free_encoder;
+        c.handle(reserve(1, "sim-0", 0, 2000));
+        let key = match c.poll_command(T0) {
+            Some(InstanceCommand::Start { key, .. }) => key,
+            other => panic!("{other:?}"),
+        };
+        c.started(&key, Some(4242));
+        assert_ne!(c.heartbeat(1, 2).gpus[0].free_encoder, full);
+        let out = c.exited(&key, T0, Duration::from_secs(30));
+        assert!(
+            matches!(out.as_slice(), [Message::SessionUpdate(u)]
+                if u.state == SessionState::Ended(EndReason::Error) && u.session_id == SessionId::new(T0, 1)),
+            "{out:?}"
+        );
+        assert_eq!(c.session_count(), 0);
+        assert_eq!(c.heartbeat(1, 3).gpus[0].free_encoder, full);
+    }
+
+    #[test]
+    fn a_released_session_stops_its_instance() {
+        let mut c = core();
+        c.handle(reserve(1, "sim-0", 0, 1000));
+        run_commands(&mut c);
+        c.handle(Message::Release(framecast_shared::protocol::Release {
+            session_id: SessionId::new(T0, 1),
+            reason: EndReason::Released,
+        }));
+        let (_, stopped) = run_commands(&mut c);
+        assert_eq!(stopped.len(), 1);
+    }
+
+    #[test]
+    fn crashed_warm_instances_restart_after_a_backoff_in_their_slot() {
+        let mut c = core();
+        c.handle(plan(1, 2, &[("arena", "4k", 1)]));
+        let key = match c.poll_command(T0) {
+            Some(InstanceCommand::Start { key, .. }) => key,
+            other => panic!("{other:?}"),
+        };
+        c.started(&key, None);
+        assert!(c.exited(&key, T0, Duration::from_millis(10)).is_empty());
+        assert!(warm_slots(&c).is_empty());
+        assert_eq!(c.poll_command(T0), None, "nothing before the backoff ends");
+        let at = c.next_deadline().unwrap();
+        assert!(at > T0);
+        match c.poll_command(at) {
+            Some(InstanceCommand::Start { key: again, .. }) => {
+                assert_eq!(again, key);
+                c.started(&again, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(warm_slots(&c), [(0, "arena".to_owned())]);
+    }
+
+    #[test]
+    fn draining_stops_warm_instances_and_unknown_targets_are_ignored() {
+        let mut c = core();
+        c.handle(plan(1, 2, &[("arena", "4k", 1), ("arena", "8k", 1)]));
+        let (started, _) = run_commands(&mut c);
+        assert_eq!(started.len(), 1, "the 8k target names no tier of this node");
+        c.handle(Message::Drain(Drain { deadline: T0 }));
+        let (_, stopped) = run_commands(&mut c);
+        assert_eq!(stopped.len(), 1);
+        assert!(warm_slots(&c).is_empty());
+        let out = c.handle(reserve(9, "sim-0", 1, 1000));
+        assert!(
+            matches!(out.as_slice(), [Message::Rejected(r)] if r.reason == RejectReason::Draining)
+        );
+    }
+}

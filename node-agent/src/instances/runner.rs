@@ -1,0 +1,196 @@
+//! The async shell around the supervisor: launches and stops instances as the agent's core
+//! asks, waits for them to exit, and tells the core what happened.
+//!
+//! The core decides (it is sans IO, see [`super::supervisor`]); the runner only executes.
+//! Whatever the core wants to tell the broker as a result (a session that ended because its
+//! instance crashed) goes to the link's outbox.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+
+use framecast_shared::ids::GpuId;
+use framecast_shared::protocol::Message;
+use framecast_shared::time::Timestamp;
+
+use super::cgroup::Cgroups;
+use super::launch::{Exit, LaunchSpec, Running, launch};
+use super::supervisor::InstanceId;
+
+/// An instance on the node: its GPU and its number within that GPU's supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InstanceKey {
+    /// The GPU.
+    pub gpu: GpuId,
+    /// The instance.
+    pub id: InstanceId,
+}
+
+impl std::fmt::Display for InstanceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.gpu, self.id)
+    }
+}
+
+/// What the core asks the runner to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstanceCommand {
+    /// Launch an instance.
+    Start {
+        /// Which.
+        key: InstanceKey,
+        /// How.
+        spec: LaunchSpec,
+    },
+    /// Stop an instance (the exit is reported as usual).
+    Stop {
+        /// Which.
+        key: InstanceKey,
+    },
+}
+
+/// What the runner needs from the agent's core.
+pub trait InstanceHost: Send {
+    /// The next command at `now`, if any.
+    fn poll_command(&mut self, now: Timestamp) -> Option<InstanceCommand>;
+    /// The instance was launched; `pid` is its process, `None` for the synthetic game.
+    fn started(&mut self, key: &InstanceKey, pid: Option<u32>);
+    /// The instance ended at `now` after running for `ran` (or could not be launched, with
+    /// `ran` zero). Returns messages for the broker.
+    fn exited(&mut self, key: &InstanceKey, now: Timestamp, ran: Duration) -> Vec<Message>;
+    /// When the core next wants to be polled even if nothing happens (a restart backoff).
+    fn next_deadline(&self) -> Option<Timestamp>;
+}
+
+/// Executes the host's commands until `shutdown` turns true. `wake` is notified by the host
+/// whenever it has queued commands; messages for the broker go to `outbox`.
+///
+/// On shutdown every instance the runner launched is stopped. (Instances that must outlive
+/// the agent are adopted by the next agent from its data directory instead.)
+pub async fn run<H: InstanceHost + ?Sized>(
+    host: Arc<Mutex<H>>,
+    wake: Arc<Notify>,
+    outbox: mpsc::UnboundedSender<Message>,
+    cgroups: Cgroups,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<(InstanceKey, Exit)>();
+    let mut launched: BTreeMap<InstanceKey, Launched> = BTreeMap::new();
+    loop {
+        loop {
+            let command = lock(&host).poll_command(Timestamp::now());
+            match command {
+                None => break,
+                Some(InstanceCommand::Start { key, spec }) => match launch(&spec, &cgroups) {
+                    Ok(running) => {
+                        tracing::info!(instance = %key, name = %spec.name, pid = running.pid(), "instance started");
+                        lock(&host).started(&key, running.pid());
+                        let (stop_tx, stop_rx) = oneshot::channel();
+                        launched.insert(
+                            key.clone(),
+                            Launched {
+                                stop: Some(stop_tx),
+                                name: spec.name.clone(),
+                            },
+                        );
+                        tokio::spawn(watch_instance(key, running, stop_rx, exit_tx.clone()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(instance = %key, error = %e, "instance could not be launched");
+                        let replies = lock(&host).exited(&key, Timestamp::now(), Duration::ZERO);
+                        send_all(&outbox, replies);
+                    }
+                },
+                Some(InstanceCommand::Stop { key }) => match launched.get_mut(&key) {
+                    Some(l) => {
+                        // Its exit arrives from its watcher.
+                        if let Some(stop) = l.stop.take() {
+                            let _ = stop.send(());
+                        }
+                    }
+                    None => {
+                        // Never launched (or already gone): it ends now.
+                        let replies = lock(&host).exited(&key, Timestamp::now(), Duration::ZERO);
+                        send_all(&outbox, replies);
+                    }
+                },
+            }
+        }
+        let deadline = lock(&host).next_deadline();
+        let sleep = async {
+            match deadline {
+                Some(at) => {
+                    let wait = Duration::from_millis(
+                        at.as_millis().saturating_sub(Timestamp::now().as_millis()),
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = wake.notified() => {}
+            () = sleep => {}
+            Some((key, exit)) = exit_rx.recv() => {
+                tracing::info!(instance = %key, code = exit.code, ran_ms = exit.ran.as_millis(), "instance exited");
+                if let Some(l) = launched.remove(&key)
+                    && let Err(e) = cgroups.remove(&l.name)
+                {
+                    tracing::debug!(instance = %key, error = %e, "cgroup not removed");
+                }
+                let replies = lock(&host).exited(&key, Timestamp::now(), exit.ran);
+                send_all(&outbox, replies);
+            }
+            _ = shutdown.changed() => {
+                for stop in launched.values_mut().filter_map(|l| l.stop.take()) {
+                    let _ = stop.send(());
+                }
+                drop(exit_tx);
+                // Give the watchers a moment to kill their process groups.
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    while exit_rx.recv().await.is_some() {}
+                }).await;
+                return;
+            }
+        }
+    }
+}
+
+/// An instance the runner launched and watches.
+struct Launched {
+    /// Tells its watcher to stop it; taken once sent.
+    stop: Option<oneshot::Sender<()>>,
+    /// Its name, which is also its cgroup's.
+    name: String,
+}
+
+/// Waits for an instance to exit or to be told to stop, then reports its exit.
+async fn watch_instance(
+    key: InstanceKey,
+    mut running: Running,
+    stop: oneshot::Receiver<()>,
+    exits: mpsc::UnboundedSender<(InstanceKey, Exit)>,
+) {
+    let exit = tokio::select! {
+        exit = running.wait() => exit,
+        _ = stop => {
+            running.stop().await;
+            running.wait().await
+        }
+    };
+    let _ = exits.send((key, exit));
+}
+
+fn send_all(outbox: &mpsc::UnboundedSender<Message>, messages: Vec<Message>) {
+    for m in messages {
+        // The link may be gone at shutdown; the next hello carries the full state anyway.
+        let _ = outbox.send(m);
+    }
+}
+
+fn lock<H: ?Sized>(host: &Mutex<H>) -> std::sync::MutexGuard<'_, H> {
+    // The core's invariants hold between calls; a panic in one leaves the last completed state.
+    host.lock().unwrap_or_else(PoisonError::into_inner)
+}

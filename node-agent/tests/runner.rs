@@ -1,0 +1,233 @@
+//! The instance runner driving the agent's core with real processes and the synthetic game:
+//! warm instances come up from a pool plan, a session's crashed instance ends the session and
+//! the broker hears of it. Timeouts only bound how long a broken build hangs.
+
+// In a test, a failed unwrap is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::timeout;
+
+use framecast_agent::core::{AgentCore, CoreGpu};
+use framecast_agent::encoder::EncoderSlots;
+use framecast_agent::instances::cgroup::Cgroups;
+use framecast_agent::instances::runner;
+use framecast_agent::inventory::Inventory;
+use framecast_agent::inventory::simulated::SimulatedInventory;
+use framecast_agent::link::AgentState;
+use framecast_agent::vgpu::simulated::SimulatedBackend;
+use framecast_agent::vgpu::{GpuHandle, VgpuPool};
+use framecast_shared::config::agent::AgentGameConfig;
+use framecast_shared::config::inventory::{SimulatedGpuGroup, SimulatedGpus};
+use framecast_shared::gpu::GpuMode;
+use framecast_shared::ids::{GameId, GpuId, NodeId, RegionName, SessionId, TierName};
+use framecast_shared::protocol::{GpuPlan, Message, PoolPlan, Reserve, WarmTarget};
+use framecast_shared::state::{EndReason, SessionState};
+use framecast_shared::tier::TierPreset;
+use framecast_shared::time::Timestamp;
+use framecast_shared::units::{ComputeShare, EncoderUnits, Megabytes};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn core(games: Vec<AgentGameConfig>) -> AgentCore {
+    let file = SimulatedGpus {
+        gpus: vec![SimulatedGpuGroup {
+            model: "l4".into(),
+            count: 1,
+            mode: None,
+        }],
+    };
+    let found = SimulatedInventory::from_file(&file).gpus().unwrap();
+    let mut pool = VgpuPool::new(Box::new(SimulatedBackend::default()));
+    let gpus = found
+        .into_iter()
+        .map(|f| {
+            pool.add_gpu(
+                GpuHandle {
+                    id: f.id.clone(),
+                    pci: None,
+                },
+                f.spec.clone(),
+                GpuMode::EqualSize,
+            )
+            .unwrap();
+            CoreGpu {
+                encoder: EncoderSlots::for_gpu(f.id.clone(), &f.spec, None),
+                found: f,
+            }
+        })
+        .collect();
+    AgentCore::new(
+        NodeId::new("n1").unwrap(),
+        RegionName::new("eu").unwrap(),
+        None,
+        gpus,
+        TierPreset::defaults(),
+        games,
+        pool,
+        Box::new(Timestamp::now),
+    )
+}
+
+struct Harness {
+    core: Arc<Mutex<AgentCore>>,
+    outbox: mpsc::UnboundedReceiver<Message>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn start(core: AgentCore) -> Harness {
+    let wake = core.wake_handle();
+    let core = Arc::new(Mutex::new(core));
+    let (outbox_tx, outbox) = mpsc::unbounded_channel();
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let task = tokio::spawn(runner::run(
+        core.clone(),
+        wake,
+        outbox_tx,
+        Cgroups::detect(&std::env::temp_dir().join("framecast-no-cgroup-here")),
+        shutdown_rx,
+    ));
+    Harness {
+        core,
+        outbox,
+        shutdown,
+        task,
+    }
+}
+
+fn plan(game: &str, tier: &str, warm: u16) -> Message {
+    Message::PoolPlan(PoolPlan {
+        plan_generation: 1,
+        gpus: vec![GpuPlan {
+            gpu: GpuId::new("sim-0").unwrap(),
+            mode: GpuMode::EqualSize,
+            profile: Some("L4-4Q".into()),
+            vgpus: 6,
+            warm: vec![WarmTarget {
+                game: GameId::new(game).unwrap(),
+                tier: TierName::new(tier).unwrap(),
+                count: warm,
+            }],
+        }],
+    })
+}
+
+fn reserve(n: u128, game: &str, slot: u32) -> Message {
+    let now = Timestamp::now();
+    Message::Reserve(Reserve {
+        request_id: 1,
+        session_id: SessionId::new(now, n),
+        game: GameId::new(game).unwrap(),
+        tier: TierName::new("1080p").unwrap(),
+        gpu: GpuId::new("sim-0").unwrap(),
+        slot,
+        framebuffer: Megabytes::new(4096),
+        compute_share: ComputeShare::MIN,
+        encoder: EncoderUnits::ONE,
+        expires_at: now,
+    })
+}
+
+async fn until(what: &str, mut ok: impl FnMut() -> bool) {
+    timeout(LIMIT, async {
+        while !ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
+}
+
+#[tokio::test]
+async fn warm_synthetic_instances_come_up_and_a_session_takes_one() {
+    let h = start(core(Vec::new()));
+    h.core.lock().unwrap().handle(plan("arena", "1080p", 3));
+    until("three warm instances", || {
+        h.core.lock().unwrap().hello(1).warm.len() == 3
+    })
+    .await;
+    let warm = h.core.lock().unwrap().hello(1).warm;
+    let out = h
+        .core
+        .lock()
+        .unwrap()
+        .handle(reserve(1, "arena", warm[0].slot));
+    assert!(
+        matches!(out.as_slice(), [Message::Reserved(r)] if r.warm),
+        "{out:?}"
+    );
+    // A replacement comes up in another slot.
+    until("the warm pool refilled", || {
+        h.core.lock().unwrap().hello(1).warm.len() == 3
+    })
+    .await;
+    let slots: Vec<u32> = h
+        .core
+        .lock()
+        .unwrap()
+        .hello(1)
+        .warm
+        .iter()
+        .map(|w| w.slot)
+        .collect();
+    assert!(!slots.contains(&warm[0].slot), "{slots:?}");
+    h.shutdown.send(true).unwrap();
+    timeout(LIMIT, h.task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_crashed_game_ends_its_session_and_the_broker_hears_why() {
+    let game = AgentGameConfig {
+        id: GameId::new("crashy").unwrap(),
+        command: Some(PathBuf::from("/bin/sh")),
+        args: vec!["-c".into(), "sleep 0.2; exit 3".into()],
+        env: Default::default(),
+        tiers: Vec::new(),
+    };
+    let mut h = start(core(vec![game]));
+    let out = h.core.lock().unwrap().handle(reserve(7, "crashy", 0));
+    assert!(
+        matches!(out.as_slice(), [Message::Reserved(r)] if !r.warm),
+        "{out:?}"
+    );
+    let update = timeout(LIMIT, h.outbox.recv()).await.unwrap().unwrap();
+    match update {
+        Message::SessionUpdate(u) => {
+            assert_eq!(u.state, SessionState::Ended(EndReason::Error));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.core.lock().unwrap().session_count(), 0);
+    h.shutdown.send(true).unwrap();
+    timeout(LIMIT, h.task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_game_that_cannot_launch_ends_its_session() {
+    let game = AgentGameConfig {
+        id: GameId::new("missing").unwrap(),
+        command: Some(PathBuf::from("/nonexistent/framecast-game")),
+        args: Vec::new(),
+        env: Default::default(),
+        tiers: Vec::new(),
+    };
+    let mut h = start(core(vec![game]));
+    h.core.lock().unwrap().handle(reserve(8, "missing", 0));
+    let update = timeout(LIMIT, h.outbox.recv()).await.unwrap().unwrap();
+    assert!(
+        matches!(&update, Message::SessionUpdate(u) if u.state == SessionState::Ended(EndReason::Error)),
+        "{update:?}"
+    );
+    h.shutdown.send(true).unwrap();
+    timeout(LIMIT, h.task).await.unwrap().unwrap();
+}
