@@ -55,8 +55,8 @@ pub struct EncoderFacts {
     pub h264_capacity_pct: Option<u32>,
     /// Remaining HEVC encoder capacity, percent.
     pub hevc_capacity_pct: Option<u32>,
-    /// Remaining AV1 encoder capacity, percent. nvml-wrapper 0.13 has no AV1 query; reading it
-    /// needs a raw NVML call, which this build does not make, so it is always `None` today.
+    /// Remaining AV1 encoder capacity, percent; `None` where the GPU or driver has no AV1
+    /// query. nvml-wrapper 0.13 has no AV1 `EncoderType`, so NVML reads it with a raw call.
     pub av1_capacity_pct: Option<u32>,
     /// Encoder sessions running.
     pub sessions: Option<u32>,

@@ -4,9 +4,9 @@
 //! on any host; without the library, [`NvmlInventory::open`] returns
 //! [`InventoryError::NvmlUnavailable`] and the agent falls back or says what to install.
 
-use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::EncoderType;
 use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::{Device, Nvml};
 
 use framecast_shared::gpu::models::{self, UNITS_PER_NVENC_ENGINE};
 use framecast_shared::gpu::{GpuMode, GpuSpec, VgpuClass, VgpuProfile};
@@ -15,6 +15,7 @@ use framecast_shared::tier::Codec;
 use framecast_shared::units::{ComputeShare, EncoderUnits, FramebufferSize, Megabytes};
 
 use super::{DiscoveredGpu, EncoderFacts, Inventory, InventoryError, MigFacts, VgpuTypeFacts};
+use crate::nvml_ffi;
 
 /// The NVML-backed inventory.
 pub struct NvmlInventory {
@@ -51,7 +52,7 @@ impl NvmlInventory {
         let encoder = EncoderFacts {
             h264_capacity_pct: optional(device.encoder_capacity(EncoderType::H264)).map_err(err)?,
             hevc_capacity_pct: optional(device.encoder_capacity(EncoderType::HEVC)).map_err(err)?,
-            av1_capacity_pct: None,
+            av1_capacity_pct: av1_capacity(&device).map_err(err)?,
             sessions: optional(device.encoder_stats())
                 .map_err(err)?
                 .map(|s| s.session_count),
@@ -142,6 +143,16 @@ fn optional<T>(r: Result<T, NvmlError>) -> Result<Option<T>, NvmlError> {
     }
 }
 
+/// Remaining AV1 encoder capacity, percent; `None` where the GPU or driver has no AV1 encoder
+/// query. nvml-wrapper's `EncoderType` has no AV1, so this is a raw call (`crate::nvml_ffi`).
+fn av1_capacity(device: &Device<'_>) -> Result<Option<u32>, NvmlError> {
+    match nvml_ffi::av1_encoder_capacity(device) {
+        // A driver that predates `NVML_ENCODER_QUERY_AV1` refuses the query type itself.
+        Err(NvmlError::InvalidArg) => Ok(None),
+        r => optional(r),
+    }
+}
+
 /// A model description from what NVML reports, for a GPU the table does not know. NVML does not
 /// say how many NVENC engines a GPU has; one is assumed where the encoder answers at all.
 fn spec_from_nvml(
@@ -157,6 +168,9 @@ fn spec_from_nvml(
     }
     if encoder.hevc_capacity_pct.is_some() {
         encode_codecs.push(Codec::Hevc);
+    }
+    if encoder.av1_capacity_pct.is_some() {
+        encode_codecs.push(Codec::Av1);
     }
     let nvenc_engines = u8::from(!encode_codecs.is_empty());
     let vgpu_profiles: Vec<VgpuProfile> = vgpu

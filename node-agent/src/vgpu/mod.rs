@@ -3,6 +3,8 @@
 //! - [`simulated::SimulatedBackend`]: bookkeeping only, for simulated inventories;
 //! - [`mdev::MdevBackend`]: Linux mediated devices through sysfs
 //!   (`/sys/class/mdev_bus/<pci>/mdev_supported_types/<type>/create`);
+//! - [`mig::MigBackend`]: MIG GPU and compute instances (`1g.10gb`) on A100/H100-class GPUs,
+//!   through NVML;
 //! - [`plan`]: pre-allocation that brings the pool to the broker's `PoolPlan`.
 //!
 //! [`VgpuPool`] sits in front of a backend and enforces the GPU model's limits whatever the
@@ -11,6 +13,7 @@
 //! equal-size mode.
 
 pub mod mdev;
+pub mod mig;
 pub mod plan;
 pub mod simulated;
 
@@ -147,6 +150,11 @@ impl VgpuPool {
             backend,
             gpus: BTreeMap::new(),
         }
+    }
+
+    /// The backend's kind: `simulated`, `mdev` or `mig`.
+    pub fn backend_kind(&self) -> &'static str {
+        self.backend.kind()
     }
 
     /// Adds a GPU and adopts the vGPUs it already has whose type names a profile of its model.
