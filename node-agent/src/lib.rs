@@ -4,8 +4,9 @@
 //! - [`core`]: the agent's state and how it executes the broker's messages;
 //! - [`encoder`]: NVENC encoder slots and the leases streams hold;
 //! - [`instances`]: warm game instances, their launch and limits;
-//! - [`vgpu`]: creating and removing vGPUs (simulated, Linux mdev) within each model's limits;
+//! - [`vgpu`]: creating and removing vGPUs (simulated, Linux mdev, MIG) within each model's limits;
 //! - [`link`]: the QUIC control link to the broker, with mutual TLS;
+//! - [`metrics`]: what the agent exports on `/metrics`;
 //! - [`run`]: the agent process that ties them together.
 
 pub mod core;
@@ -13,5 +14,7 @@ pub mod encoder;
 pub mod instances;
 pub mod inventory;
 pub mod link;
+pub mod metrics;
+mod nvml_ffi;
 pub mod run;
 pub mod vgpu;

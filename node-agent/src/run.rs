@@ -13,7 +13,7 @@ use framecast_shared::config::AgentConfig;
 use framecast_shared::config::agent::VgpuBackendKind;
 use framecast_shared::ids::NodeId;
 use framecast_shared::time::Timestamp;
-use framecast_shared::tls;
+use framecast_shared::{ops, tls};
 
 use crate::core::{AgentCore, CoreGpu, InstancePolicy};
 use crate::encoder::EncoderSlots;
@@ -23,6 +23,7 @@ use crate::instances::supervisor::Backoff;
 use crate::inventory;
 use crate::link::{self, AgentState, LinkChannels, LinkConfig, LinkState};
 use crate::vgpu::mdev::MdevBackend;
+use crate::vgpu::mig;
 use crate::vgpu::simulated::SimulatedBackend;
 use crate::vgpu::{GpuHandle, VgpuBackend, VgpuPool, sysfs_pci};
 
@@ -57,7 +58,15 @@ pub async fn run(config: AgentConfig, simulate: Option<&Path>) -> anyhow::Result
             config.data_dir.join("vgpus"),
         )),
         VgpuBackendKind::Mig => {
-            bail!("vgpu.backend = \"mig\" is not implemented yet; use \"mdev\" or \"simulated\"")
+            // The MIG backend addresses GPUs by their NVML UUIDs.
+            if inventory.source() != "nvml" {
+                bail!(
+                    "vgpu.backend = \"mig\" needs GPUs found through NVML, but the inventory is {}; \
+                     set inventory.source = \"nvml\" on a host with the NVIDIA driver",
+                    inventory.source()
+                );
+            }
+            Box::new(mig::open(config.data_dir.join("mig"))?)
         }
     };
     let mut pool = VgpuPool::new(backend);
@@ -117,7 +126,8 @@ pub async fn run(config: AgentConfig, simulate: Option<&Path>) -> anyhow::Result
         backoff_max: Duration::from_secs(30),
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (state_tx, _state_rx) = watch::channel(LinkState::Connecting);
+    let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
+    let ops = ops_endpoint(&config, core.clone(), state_rx, shutdown_rx.clone()).await?;
     let (outbox_tx, outbox) = tokio::sync::mpsc::unbounded_channel();
     let instances = tokio::spawn(runner::run(
         core,
@@ -148,8 +158,44 @@ pub async fn run(config: AgentConfig, simulate: Option<&Path>) -> anyhow::Result
     // stopped for another reason, signal it here.
     let _ = shutdown_tx_for_exit.send(true);
     let _ = instances.await;
+    let _ = ops.await;
     linked?;
     Ok(())
+}
+
+/// Binds `/metrics`, `/livez` and `/readyz` (ready while the control link is up) and serves
+/// them until shutdown.
+async fn ops_endpoint(
+    config: &AgentConfig,
+    core: Arc<Mutex<AgentCore>>,
+    link: watch::Receiver<LinkState>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let handle = ops::recorder()?;
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("http.listen {}: cannot bind", config.http.listen))?;
+    let ready_link = link.clone();
+    let ready: ops::Readiness = Arc::new(move || match &*ready_link.borrow() {
+        LinkState::Connected => Ok(()),
+        LinkState::Connecting => Err("control link connecting".into()),
+        LinkState::Backoff { error } => Err(format!("control link down: {error}")),
+        LinkState::Stopped => Err("control link stopped".into()),
+    });
+    let hook: ops::ScrapeHook = Arc::new(move || {
+        let link = link.borrow().clone();
+        let core = core
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        crate::metrics::record_state(&core, &link);
+    });
+    tracing::info!(listen = %config.http.listen, "serving /metrics, /livez and /readyz");
+    let router = ops::router(handle, ready, Some(hook));
+    Ok(tokio::spawn(async move {
+        if let Err(e) = ops::serve(listener, router, shutdown).await {
+            tracing::error!(error = %e, "operations endpoint failed");
+        }
+    }))
 }
 
 /// Resolves on SIGINT or SIGTERM (what systemd and Kubernetes send).

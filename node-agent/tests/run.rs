@@ -1,6 +1,6 @@
 //! The agent binary end to end: `framecast-agent run` on simulated GPUs dials a test control
-//! endpoint over QUIC with mutual TLS, reports its GPUs, and comes back with a new generation
-//! after a restart.
+//! endpoint over QUIC with mutual TLS, reports its GPUs, serves its metrics and readiness,
+//! and comes back with a new generation after a restart.
 
 // In a test, a failed unwrap is a failed test.
 #![allow(
@@ -12,6 +12,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -19,9 +20,12 @@ use std::time::Duration;
 use tokio::time::timeout;
 
 use framecast_agent::link::frames::{read_message, write_message};
-use framecast_shared::protocol::{DEFAULT_MAX_FRAME, Message, PROTOCOL_VERSION};
+use framecast_shared::ids::{GameId, GpuId, SessionId, TierName};
+use framecast_shared::protocol::{DEFAULT_MAX_FRAME, Message, PROTOCOL_VERSION, Reserve};
+use framecast_shared::time::Timestamp;
+use framecast_shared::units::{ComputeShare, EncoderUnits, Megabytes};
 
-use common::{Pki, accept, pki, test_broker, welcome};
+use common::{Pki, accept, free_port, http_get, pki, test_broker, welcome};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -35,7 +39,7 @@ impl Drop for Agent {
     }
 }
 
-fn write_config(dir: &Path, pki: &Pki, broker: std::net::SocketAddr) -> PathBuf {
+fn write_config(dir: &Path, pki: &Pki, broker: SocketAddr, http: SocketAddr) -> PathBuf {
     for (name, text) in [
         ("ca.pem", &pki.ca.cert.cert_pem),
         ("agent.pem", &pki.agent.cert_pem),
@@ -70,6 +74,9 @@ simulate = {gpus:?}
 [vgpu]
 backend = "simulated"
 sysfs_root = "/sys"
+
+[http]
+listen = "{http}"
 "#,
         data = dir.join("data"),
         ca = dir.join("ca.pem"),
@@ -99,7 +106,8 @@ async fn the_agent_reports_its_gpus_over_mutual_tls_and_bumps_its_generation_on_
     let pki = pki();
     let (endpoint, addr) = test_broker(&pki);
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &pki, addr);
+    let http: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let config = write_config(dir.path(), &pki, addr, http);
 
     for expected_generation in [1, 2] {
         let agent = start(&config);
@@ -125,10 +133,60 @@ async fn the_agent_reports_its_gpus_over_mutual_tls_and_bumps_its_generation_on_
                 panic!("no heartbeat")
             };
             assert_eq!((hb.generation, hb.gpus.len()), (expected_generation, 3));
+            if expected_generation == 1 {
+                operations_endpoint(http, &mut send, &mut recv).await;
+            }
         })
         .await
         .unwrap();
         drop(agent);
+    }
+}
+
+/// With the link up the agent is ready, and its metrics show the GPUs, the link and a
+/// reservation.
+async fn operations_endpoint(
+    http: SocketAddr,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) {
+    assert_eq!(http_get(http, "/livez").await.0, 200);
+    assert_eq!(http_get(http, "/readyz").await, (200, "ready\n".into()));
+    let now = Timestamp::now();
+    let reserve = Message::Reserve(Reserve {
+        request_id: 1,
+        session_id: SessionId::new(now, 1),
+        game: GameId::new("arena").unwrap(),
+        tier: TierName::new("1080p").unwrap(),
+        gpu: GpuId::new("sim-0").unwrap(),
+        slot: 0,
+        framebuffer: Megabytes::new(4096),
+        compute_share: ComputeShare::MIN,
+        encoder: EncoderUnits::ONE,
+        expires_at: now,
+    });
+    write_message(send, &reserve, DEFAULT_MAX_FRAME)
+        .await
+        .unwrap();
+    loop {
+        match read_message(recv, DEFAULT_MAX_FRAME).await.unwrap() {
+            Some(Message::Heartbeat(_)) => continue,
+            Some(Message::Reserved(_)) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    let (status, body) = http_get(http, "/metrics").await;
+    assert_eq!(status, 200);
+    for line in [
+        "framecast_agent_link_up 1",
+        "framecast_agent_sessions 1",
+        "framecast_agent_framebuffer_total_megabytes{gpu=\"sim-0\"}",
+        "framecast_agent_encoder_used_units{gpu=\"sim-0\"} 1",
+        "framecast_agent_encoder_sessions{gpu=\"sim-0\"} 1",
+        "framecast_agent_instances{tier=\"1080p\",state=\"active\"} 1",
+        "framecast_agent_reservations_total{outcome=\"cold\"} 1",
+    ] {
+        assert!(body.contains(line), "{line} missing from\n{body}");
     }
 }
 

@@ -13,7 +13,8 @@
 //! - [`state`]: the session and node lifecycles;
 //! - [`config`]: `broker.toml` and `agent.toml`;
 //! - [`protocol`]: messages, framing and the version handshake between agents and brokers;
-//! - [`tls`]: certificates and mutual-TLS configurations for the agent↔broker link.
+//! - [`tls`]: certificates and mutual-TLS configurations for the agent↔broker link;
+//! - `ops` (feature `ops`): the `/metrics`, `/livez` and `/readyz` endpoint both services serve.
 //!
 //! A message goes on the wire as one length-prefixed frame and comes back out of a
 //! [`protocol::FrameDecoder`], however the transport splits the bytes:
@@ -36,6 +37,8 @@ pub mod config;
 pub mod genre;
 pub mod gpu;
 pub mod ids;
+#[cfg(feature = "ops")]
+pub mod ops;
 pub mod protocol;
 pub mod state;
 pub mod tier;

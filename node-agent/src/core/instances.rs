@@ -193,7 +193,15 @@ impl AgentCore {
         let preset = self.tiers.iter().find(|t| &t.name == tier)?;
         let config = self.game_config(game)?;
         let name = format!("instance-{id}-{gpu}");
-        Some(LaunchSpec::new(name, &config, preset, gpu, vgpu))
+        let mut spec = LaunchSpec::new(name, &config, preset, gpu, vgpu);
+        if let (Some(v), "mig") = (vgpu, self.pool.backend_kind()) {
+            // CUDA and the container runtime address a MIG slice by its own device name.
+            let device = crate::vgpu::mig::visible_device(v);
+            spec.env
+                .insert("CUDA_VISIBLE_DEVICES".to_owned(), device.clone());
+            spec.env.insert("NVIDIA_VISIBLE_DEVICES".to_owned(), device);
+        }
+        Some(spec)
     }
 
     /// Forgets the slots of instances the supervisors no longer know.
@@ -297,6 +305,15 @@ impl InstanceHost for AgentCore {
         let Some(sup) = self.supervisors.get_mut(&key.gpu) else {
             return Vec::new();
         };
+        let crashed = sup.instances().find_map(|(i, _, _, state)| match state {
+            _ if i != key.id => None,
+            InstanceState::Active(_) => Some("active"),
+            InstanceState::Stopping => None,
+            _ => Some("warm"),
+        });
+        if let Some(state) = crashed {
+            metrics::counter!(crate::metrics::INSTANCE_CRASHES, "state" => state).increment(1);
+        }
         let ended = sup.exited(key.id, now, ran, self.policy.healthy_after);
         if !sup.instances().any(|(i, ..)| i == key.id) {
             self.instance_slots.remove(&(key.gpu.clone(), key.id));

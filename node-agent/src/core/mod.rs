@@ -5,7 +5,7 @@
 //! session — a release, a failed reservation, a crashed instance, an agent shutting down —
 //! gives the encoder slot back by dropping it.
 //!
-//! Game instances are decided here too (see [`instances`]): one supervisor per GPU keeps the
+//! Game instances are decided here too: one supervisor per GPU keeps the
 //! warm instances the pool plan asks for in the GPU's free slots, and a reservation takes the
 //! warm instance in its slot or starts a fresh one. The runner executes what the core decides.
 
@@ -51,6 +51,19 @@ struct Held {
     state: SessionState,
     since: Timestamp,
     _lease: EncoderLease,
+}
+
+/// One GPU's use, for metrics.
+#[derive(Debug, Clone)]
+pub struct GpuGauges {
+    /// The GPU.
+    pub gpu: GpuId,
+    /// Its framebuffer.
+    pub framebuffer_total: Megabytes,
+    /// Framebuffer held by vGPUs.
+    pub framebuffer_used: Megabytes,
+    /// Its encoder.
+    pub encoder: crate::encoder::EncoderUsage,
 }
 
 /// How instances are supervised.
@@ -176,6 +189,19 @@ impl AgentCore {
         self.draining
     }
 
+    /// Framebuffer and encoder use per GPU, for metrics.
+    pub fn gpu_gauges(&self) -> Vec<GpuGauges> {
+        self.gpus
+            .iter()
+            .map(|g| GpuGauges {
+                gpu: g.found.id.clone(),
+                framebuffer_total: g.found.spec.framebuffer,
+                framebuffer_used: self.pool.framebuffer_used(&g.found.id),
+                encoder: g.encoder.usage(),
+            })
+            .collect()
+    }
+
     /// Framebuffer not held by vGPUs and encoder throughput not leased, on `g`.
     fn free(&self, g: &CoreGpu) -> (Megabytes, EncoderUnits) {
         let usage = g.encoder.usage();
@@ -280,6 +306,8 @@ impl AgentCore {
         // Dropping the entry drops its encoder lease.
         let held = self.sessions.remove(session)?;
         tracing::info!(session_id = %session, %reason, "session ended");
+        metrics::counter!(crate::metrics::SESSIONS_ENDED, "reason" => reason.to_string())
+            .increment(1);
         if let Some(sup) = self.supervisors.get_mut(&held.gpu) {
             // Its instance stops (if it still runs); a fresh warm one may take the slot.
             sup.release(session);
@@ -363,7 +391,11 @@ impl AgentState for AgentCore {
 
     fn handle(&mut self, message: Message) -> Vec<Message> {
         match message {
-            Message::Reserve(r) => vec![self.reserve(r)],
+            Message::Reserve(r) => {
+                let reply = self.reserve(r);
+                crate::metrics::reservation(&reply);
+                vec![reply]
+            }
             Message::Release(r) => self.end(&r.session_id, r.reason).into_iter().collect(),
             Message::PoolPlan(p) if p.plan_generation > self.plan_generation => {
                 self.plan_generation = p.plan_generation;
