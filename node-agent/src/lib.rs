@@ -2,6 +2,7 @@
 //!
 //! - [`inventory`]: what GPUs the host has (NVML or a simulated inventory);
 //! - [`core`]: the agent's state and how it executes the broker's messages;
+//! - [`datadir`]: crash-safe files in the data directory;
 //! - [`encoder`]: NVENC encoder slots and the leases streams hold;
 //! - [`instances`]: warm game instances, their launch and limits;
 //! - [`vgpu`]: creating and removing vGPUs (simulated, Linux mdev, MIG) within each model's limits;
@@ -10,6 +11,7 @@
 //! - [`run`]: the agent process that ties them together.
 
 pub mod core;
+pub mod datadir;
 pub mod encoder;
 pub mod instances;
 pub mod inventory;

@@ -15,7 +15,7 @@ use framecast_shared::ids::NodeId;
 use framecast_shared::time::Timestamp;
 use framecast_shared::{ops, tls};
 
-use crate::core::{AgentCore, CoreGpu, InstancePolicy};
+use crate::core::{AgentCore, CoreGpu, InstancePolicy, Snapshot};
 use crate::encoder::EncoderSlots;
 use crate::instances::cgroup::Cgroups;
 use crate::instances::runner;
@@ -109,6 +109,8 @@ pub async fn run(config: AgentConfig, simulate: Option<&Path>) -> anyhow::Result
         },
         healthy_after: Duration::from_secs(config.instances.healthy_after_s),
     });
+    let mut core = core;
+    adopt_sessions(&mut core, &config.data_dir)?;
     let wake = core.wake_handle();
     let core = Arc::new(Mutex::new(core));
     let agent: Arc<Mutex<dyn AgentState>> = core.clone();
@@ -133,7 +135,10 @@ pub async fn run(config: AgentConfig, simulate: Option<&Path>) -> anyhow::Result
         core,
         wake,
         outbox_tx,
-        cgroups,
+        runner::RunnerConfig {
+            cgroups,
+            data_dir: Some(config.data_dir.clone()),
+        },
         shutdown_rx.clone(),
     ));
     let shutdown_tx_for_exit = shutdown_tx.clone();
@@ -160,6 +165,35 @@ pub async fn run(config: AgentConfig, simulate: Option<&Path>) -> anyhow::Result
     let _ = instances.await;
     let _ = ops.await;
     linked?;
+    Ok(())
+}
+
+/// Takes over the game processes of sessions an earlier agent left running, from the
+/// sessions file in the data directory. A file that cannot be read as one is moved aside
+/// (and logged) rather than stopping the node.
+fn adopt_sessions(core: &mut AgentCore, data_dir: &Path) -> anyhow::Result<()> {
+    let path = data_dir.join(runner::SESSIONS_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    match toml::from_str::<Snapshot>(&text) {
+        Ok(snapshot) => {
+            let adoption = core.adopt(snapshot, &|p| p.alive());
+            tracing::info!(
+                adopted = adoption.adopted.len(),
+                dropped = adoption.dropped.len(),
+                "sessions from before the restart"
+            );
+        }
+        Err(e) => {
+            let aside = path.with_extension("toml.unreadable");
+            tracing::error!(file = %path.display(), error = %e, moved_to = %aside.display(), "the sessions file is unreadable; game processes it lists are not adopted");
+            std::fs::rename(&path, &aside)
+                .with_context(|| format!("moving {} aside", path.display()))?;
+        }
+    }
     Ok(())
 }
 

@@ -40,6 +40,16 @@ impl Drop for Agent {
 }
 
 fn write_config(dir: &Path, pki: &Pki, broker: SocketAddr, http: SocketAddr) -> PathBuf {
+    write_config_with(dir, pki, broker, http, "")
+}
+
+fn write_config_with(
+    dir: &Path,
+    pki: &Pki,
+    broker: SocketAddr,
+    http: SocketAddr,
+    extra: &str,
+) -> PathBuf {
     for (name, text) in [
         ("ca.pem", &pki.ca.cert.cert_pem),
         ("agent.pem", &pki.agent.cert_pem),
@@ -77,6 +87,7 @@ sysfs_root = "/sys"
 
 [http]
 listen = "{http}"
+{extra}
 "#,
         data = dir.join("data"),
         ca = dir.join("ca.pem"),
@@ -209,4 +220,157 @@ fn run_without_tls_says_what_is_missing() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("broker.tls is required"), "{err}");
+}
+
+/// Kills a game process group the test started through the agent, however the test ends.
+struct GameProcess(Option<u32>);
+
+impl Drop for GameProcess {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+async fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    timeout(LIMIT, async {
+        loop {
+            if let Some(v) = probe() {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+#[tokio::test]
+async fn a_restarted_agent_adopts_the_game_processes_of_running_sessions() {
+    let pki = pki();
+    let (endpoint, addr) = test_broker(&pki);
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("game.pid");
+    let game = format!(
+        r#"
+[[games]]
+id = "sleeper"
+command = "/bin/sh"
+args = ["-c", "echo $$ > \"$PID_FILE\"; exec sleep 600"]
+env = {{ PID_FILE = {pid_file:?} }}
+"#
+    );
+    let http: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let config = write_config_with(dir.path(), &pki, addr, http, &game);
+    let mut game_process = GameProcess(None);
+    let session_id = SessionId::new(Timestamp::now(), 9);
+
+    // Generation 1: a session starts its game process; then the agent is stopped.
+    let agent = start(&config);
+    let pid = timeout(LIMIT, async {
+        let (_conn, mut send, mut recv, _) = accept(&endpoint).await;
+        write_message(&mut send, &welcome(1, PROTOCOL_VERSION), DEFAULT_MAX_FRAME)
+            .await
+            .unwrap();
+        let now = Timestamp::now();
+        let reserve = Message::Reserve(Reserve {
+            request_id: 1,
+            session_id,
+            game: GameId::new("sleeper").unwrap(),
+            tier: TierName::new("720p").unwrap(),
+            gpu: GpuId::new("sim-0").unwrap(),
+            slot: 2,
+            framebuffer: Megabytes::new(2048),
+            compute_share: ComputeShare::MIN,
+            encoder: EncoderUnits::ONE,
+            expires_at: now,
+        });
+        write_message(&mut send, &reserve, DEFAULT_MAX_FRAME)
+            .await
+            .unwrap();
+        loop {
+            match read_message(&mut recv, DEFAULT_MAX_FRAME).await.unwrap() {
+                Some(Message::Heartbeat(_)) => continue,
+                Some(Message::Reserved(_)) => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        let pid: u32 = eventually("the game's pid file", || {
+            std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()
+        })
+        .await;
+        // The agent has recorded the process before it is asked to stop.
+        let sessions = dir.path().join("data/sessions.toml");
+        eventually("the sessions file to name the process", || {
+            let text = std::fs::read_to_string(&sessions).ok()?;
+            text.contains(&format!("pid = {pid}")).then_some(())
+        })
+        .await;
+        pid
+    })
+    .await
+    .unwrap();
+    game_process.0 = Some(pid);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut agent = agent;
+    let status = timeout(LIMIT, async {
+        loop {
+            if let Some(status) = agent.0.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.success(),
+        "the agent stops cleanly on SIGTERM: {status}"
+    );
+    let process = framecast_agent::instances::launch::ProcessId::of(pid).unwrap();
+    assert!(process.alive(), "the session's game outlives the agent");
+
+    // Generation 2 reports the session again, and a release stops the adopted process.
+    let _agent = start(&config);
+    timeout(LIMIT, async {
+        let (_conn, mut send, mut recv, hello) = accept(&endpoint).await;
+        assert_eq!(hello.generation, 2);
+        let ids: Vec<SessionId> = hello.sessions.iter().map(|s| s.session_id).collect();
+        assert_eq!(ids, [session_id]);
+        assert_eq!(hello.sessions[0].slot, 2);
+        write_message(&mut send, &welcome(2, PROTOCOL_VERSION), DEFAULT_MAX_FRAME)
+            .await
+            .unwrap();
+        let release = Message::Release(framecast_shared::protocol::Release {
+            session_id,
+            reason: framecast_shared::state::EndReason::Released,
+        });
+        write_message(&mut send, &release, DEFAULT_MAX_FRAME)
+            .await
+            .unwrap();
+        loop {
+            match read_message(&mut recv, DEFAULT_MAX_FRAME).await.unwrap() {
+                Some(Message::Heartbeat(_)) => continue,
+                Some(Message::SessionUpdate(u)) => {
+                    assert_eq!(u.session_id, session_id);
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        eventually("the adopted game process to be stopped", || {
+            (!process.alive()).then_some(())
+        })
+        .await;
+    })
+    .await
+    .unwrap();
 }

@@ -94,7 +94,10 @@ fn start(core: AgentCore) -> Harness {
         core.clone(),
         wake,
         outbox_tx,
-        Cgroups::detect(&std::env::temp_dir().join("framecast-no-cgroup-here")),
+        runner::RunnerConfig {
+            cgroups: Cgroups::detect(&std::env::temp_dir().join("framecast-no-cgroup-here")),
+            data_dir: None,
+        },
         shutdown_rx,
     ));
     Harness {

@@ -15,7 +15,7 @@ use framecast_shared::protocol::{Message, PoolPlan, Reserve, WarmInstance};
 use framecast_shared::time::Timestamp;
 
 use super::AgentCore;
-use crate::instances::launch::LaunchSpec;
+use crate::instances::launch::{LaunchSpec, ProcessId};
 use crate::instances::runner::{InstanceCommand, InstanceHost, InstanceKey};
 use crate::instances::supervisor::{Action, InstanceId, InstanceState};
 
@@ -55,13 +55,11 @@ impl AgentCore {
         let in_slot = self
             .instance_slots
             .iter()
-            .find(|((gpu, _), (slot, _))| gpu == &r.gpu && *slot == r.slot)
-            .map(|((_, id), _)| *id);
-        let Some(sup) = self.supervisors.get_mut(&r.gpu) else {
-            // Unreachable: reserve checked the GPU. Start nothing rather than panic.
-            return false;
-        };
-        if let Some(id) = in_slot {
+            .find(|(k, (slot, _))| k.gpu == r.gpu && *slot == r.slot)
+            .map(|(k, _)| k.id);
+        if let Some(id) = in_slot
+            && let Some(sup) = self.supervisors.get_mut(&r.gpu)
+        {
             let fits = sup.instances().any(|(i, game, tier, state)| {
                 i == id && game == &r.game && tier == &r.tier && state == InstanceState::Warm
             });
@@ -70,11 +68,21 @@ impl AgentCore {
             }
             // The broker's view was older than ours: the slot holds something else.
             sup.evict(id);
-            self.instance_slots.remove(&(r.gpu.clone(), id));
+            self.forget(&InstanceKey {
+                gpu: r.gpu.clone(),
+                id,
+            });
         }
+        let Some(sup) = self.supervisors.get_mut(&r.gpu) else {
+            // Unreachable: reserve checked the GPU. Start nothing rather than panic.
+            return false;
+        };
         let id = sup.start_for_session(r.game.clone(), r.tier.clone(), r.session_id);
-        self.instance_slots
-            .insert((r.gpu.clone(), id), (r.slot, None));
+        let key = InstanceKey {
+            gpu: r.gpu.clone(),
+            id,
+        };
+        self.instance_slots.insert(key, (r.slot, None));
         self.wake.notify_one();
         false
     }
@@ -157,7 +165,7 @@ impl AgentCore {
                 || self
                     .instance_slots
                     .iter()
-                    .any(|((g, _), (s, _))| g == gpu && *s == slot)
+                    .any(|(k, (s, _))| &k.gpu == gpu && *s == slot)
         };
         let slot = (0..self.slot_capacity(gpu)).find(|s| !taken(*s))?;
         Some((slot, self.free_vgpu(gpu)))
@@ -169,7 +177,7 @@ impl AgentCore {
             !self
                 .instance_slots
                 .iter()
-                .any(|((g, _), (_, v))| g == gpu && v.as_ref() == Some(u))
+                .any(|(k, (_, v))| &k.gpu == gpu && v.as_ref() == Some(u))
         })
     }
 
@@ -182,7 +190,10 @@ impl AgentCore {
         game: &GameId,
         tier: &TierName,
     ) -> Option<LaunchSpec> {
-        let key = (gpu.clone(), id);
+        let key = InstanceKey {
+            gpu: gpu.clone(),
+            id,
+        };
         let (slot, vgpu) = match self.instance_slots.get(&key).copied() {
             // A session's instance: its slot is the reserved one; give it a vGPU now.
             Some((slot, None)) => (slot, self.free_vgpu(gpu)),
@@ -204,13 +215,23 @@ impl AgentCore {
         Some(spec)
     }
 
+    /// Forgets an instance's slot and process.
+    fn forget(&mut self, key: &InstanceKey) {
+        self.instance_slots.remove(key);
+        if self.instance_processes.remove(key).is_some() {
+            self.dirty = true;
+        }
+    }
+
     /// Forgets the slots of instances the supervisors no longer know.
     fn prune_slots(&mut self) {
         let sups = &self.supervisors;
-        self.instance_slots.retain(|(gpu, id), _| {
-            sups.get(gpu)
-                .is_some_and(|s| s.instances().any(|(i, ..)| i == *id))
-        });
+        let known = |k: &InstanceKey| {
+            sups.get(&k.gpu)
+                .is_some_and(|s| s.instances().any(|(i, ..)| i == k.id))
+        };
+        self.instance_slots.retain(|k, _| known(k));
+        self.instance_processes.retain(|k, _| known(k));
     }
 
     /// Ready warm instances, for `hello` and heartbeats.
@@ -221,7 +242,11 @@ impl AgentCore {
                 if state != InstanceState::Warm {
                     continue;
                 }
-                if let Some((slot, _)) = self.instance_slots.get(&(gpu.clone(), id)) {
+                let key = InstanceKey {
+                    gpu: gpu.clone(),
+                    id,
+                };
+                if let Some((slot, _)) = self.instance_slots.get(&key) {
                     out.push(WarmInstance {
                         gpu: gpu.clone(),
                         slot: *slot,
@@ -260,6 +285,9 @@ impl AgentCore {
 
 impl InstanceHost for AgentCore {
     fn poll_command(&mut self, now: Timestamp) -> Option<InstanceCommand> {
+        if let Some(adopt) = self.adoptions.pop_front() {
+            return Some(adopt);
+        }
         let gpus: Vec<GpuId> = self.supervisors.keys().cloned().collect();
         for gpu in gpus {
             loop {
@@ -295,9 +323,34 @@ impl InstanceHost for AgentCore {
         None
     }
 
-    fn started(&mut self, key: &InstanceKey, _pid: Option<u32>) {
+    fn started(&mut self, key: &InstanceKey, process: Option<ProcessId>) {
         if let Some(sup) = self.supervisors.get_mut(&key.gpu) {
             sup.started(key.id);
+        }
+        if let Some(p) = process {
+            self.instance_processes.insert(key.clone(), p);
+            self.dirty = true;
+        }
+    }
+
+    fn keep_on_shutdown(&self, key: &InstanceKey) -> bool {
+        let active = self.supervisors.get(&key.gpu).is_some_and(|s| {
+            s.instances()
+                .any(|(i, _, _, state)| i == key.id && matches!(state, InstanceState::Active(_)))
+        });
+        active && self.instance_processes.contains_key(key)
+    }
+
+    fn take_snapshot(&mut self) -> Option<String> {
+        if !std::mem::take(&mut self.dirty) {
+            return None;
+        }
+        match toml::to_string(&self.snapshot()) {
+            Ok(text) => Some(text),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode the sessions snapshot");
+                None
+            }
         }
     }
 
@@ -316,7 +369,7 @@ impl InstanceHost for AgentCore {
         }
         let ended = sup.exited(key.id, now, ran, self.policy.healthy_after);
         if !sup.instances().any(|(i, ..)| i == key.id) {
-            self.instance_slots.remove(&(key.gpu.clone(), key.id));
+            self.forget(key);
         }
         self.prune_slots();
         self.wake.notify_one();
@@ -377,6 +430,7 @@ mod tests {
                     started.push(spec);
                 }
                 InstanceCommand::Stop { key } => stopped.push(key),
+                InstanceCommand::Adopt { .. } => panic!("nothing to adopt here"),
             }
         }
         (started, stopped)
@@ -466,7 +520,13 @@ mod tests {
             Some(InstanceCommand::Start { key, .. }) => key,
             other => panic!("{other:?}"),
         };
-        c.started(&key, Some(4242));
+        c.started(
+            &key,
+            Some(ProcessId {
+                pid: 4242,
+                start_ticks: 1,
+            }),
+        );
         assert_ne!(c.heartbeat(1, 2).gpus[0].free_encoder, full);
         let out = c.exited(&key, T0, Duration::from_secs(30));
         assert!(

@@ -10,8 +10,11 @@
 //! warm instance in its slot or starts a fresh one. The runner executes what the core decides.
 
 mod instances;
+mod persist;
 
-use std::collections::BTreeMap;
+pub use persist::{Adoption, SessionRecord, Snapshot};
+
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use tokio::sync::Notify;
@@ -28,7 +31,9 @@ use framecast_shared::time::Timestamp;
 use framecast_shared::units::{EncoderUnits, Megabytes};
 
 use crate::encoder::{EncoderError, EncoderLease, EncoderSlots};
-use crate::instances::supervisor::{Backoff, InstanceId, Supervisor};
+use crate::instances::launch::ProcessId;
+use crate::instances::runner::{InstanceCommand, InstanceKey};
+use crate::instances::supervisor::{Backoff, Supervisor};
 use crate::inventory::DiscoveredGpu;
 use crate::link::AgentState;
 use crate::vgpu::{VgpuPool, plan};
@@ -104,7 +109,13 @@ pub struct AgentCore {
     /// The warm instances the newest pool plan asks for, per GPU.
     warm_plan: BTreeMap<GpuId, Vec<WarmTarget>>,
     /// The slot each live instance occupies, and its vGPU where the GPU is sliced.
-    instance_slots: BTreeMap<(GpuId, InstanceId), (u32, Option<uuid::Uuid>)>,
+    instance_slots: BTreeMap<InstanceKey, (u32, Option<uuid::Uuid>)>,
+    /// The OS process of each live process instance.
+    instance_processes: BTreeMap<InstanceKey, ProcessId>,
+    /// Adopted processes the runner must start watching.
+    adoptions: VecDeque<InstanceCommand>,
+    /// Sessions changed since the last snapshot.
+    dirty: bool,
     policy: InstancePolicy,
     /// Notified whenever instance commands are queued.
     wake: Arc<Notify>,
@@ -154,6 +165,9 @@ impl AgentCore {
             supervisors,
             warm_plan: BTreeMap::new(),
             instance_slots: BTreeMap::new(),
+            instance_processes: BTreeMap::new(),
+            adoptions: VecDeque::new(),
+            dirty: false,
             policy: InstancePolicy::default(),
             wake: Arc::new(Notify::new()),
         }
@@ -295,6 +309,7 @@ impl AgentCore {
             },
         );
         self.refresh_targets(&gpu_id);
+        self.dirty = true;
         Message::Reserved(Reserved {
             request_id: r.request_id,
             session_id: r.session_id,
@@ -305,6 +320,7 @@ impl AgentCore {
     fn end(&mut self, session: &SessionId, reason: EndReason) -> Option<Message> {
         // Dropping the entry drops its encoder lease.
         let held = self.sessions.remove(session)?;
+        self.dirty = true;
         tracing::info!(session_id = %session, %reason, "session ended");
         metrics::counter!(crate::metrics::SESSIONS_ENDED, "reason" => reason.to_string())
             .increment(1);

@@ -134,8 +134,50 @@ pub struct Running {
 #[derive(Debug)]
 enum Kind {
     Process(Child),
+    /// A process an earlier agent launched, found again after a restart: not our child, so
+    /// its exit is noticed by polling.
+    Adopted(ProcessId),
     /// The synthetic game runs in the agent; the sender stops it.
     Synthetic(Option<oneshot::Sender<()>>, oneshot::Receiver<()>),
+}
+
+/// A process, told apart from a later one that reuses its pid by its start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProcessId {
+    /// The pid (also its process group: instances lead their own group).
+    pub pid: u32,
+    /// Its start time in clock ticks after boot (`/proc/<pid>/stat`, field 22).
+    pub start_ticks: u64,
+}
+
+impl ProcessId {
+    /// The process `pid` as it is now, if it exists.
+    pub fn of(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        Some(Self {
+            pid,
+            start_ticks: start_ticks(&stat)?,
+        })
+    }
+
+    /// Whether this very process still runs (not a zombie, not a newer process on the pid).
+    pub fn alive(&self) -> bool {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
+            return false;
+        };
+        let zombie = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X");
+        !zombie && start_ticks(&stat) == Some(self.start_ticks)
+    }
+}
+
+/// Field 22 of `/proc/<pid>/stat`; the command name before it may hold spaces and ')'.
+fn start_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    // `rest` starts at field 3 (state); starttime is field 22.
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// How an instance ended.
@@ -146,6 +188,9 @@ pub struct Exit {
     /// How long it ran.
     pub ran: Duration,
 }
+
+/// How often an adopted process is checked for its exit.
+const ADOPTED_POLL: Duration = Duration::from_millis(250);
 
 /// Launches `spec`, placing a process in its cgroup where cgroups are available.
 pub fn launch(spec: &LaunchSpec, cgroups: &Cgroups) -> Result<Running, LaunchError> {
@@ -177,7 +222,8 @@ pub fn launch(spec: &LaunchSpec, cgroups: &Cgroups) -> Result<Running, LaunchErr
                 // Its own process group, so stopping it stops everything it started.
                 .process_group(0)
                 .stdin(Stdio::null())
-                .kill_on_drop(true)
+                // A session's game outlives an agent restart; the runner stops what must stop.
+                .kill_on_drop(false)
                 .spawn()
                 .map_err(err)?;
             if let Some(pid) = child.id()
@@ -201,10 +247,29 @@ impl Running {
         &self.name
     }
 
+    /// Takes over a process an earlier agent launched.
+    pub fn adopt(name: String, process: ProcessId) -> Self {
+        Self {
+            name,
+            started: Instant::now(),
+            kind: Kind::Adopted(process),
+        }
+    }
+
+    /// The OS process, for a process instance that is still running.
+    pub fn process(&self) -> Option<ProcessId> {
+        match &self.kind {
+            Kind::Process(c) => c.id().and_then(ProcessId::of),
+            Kind::Adopted(p) => Some(*p),
+            Kind::Synthetic(..) => None,
+        }
+    }
+
     /// The OS process id, for a process instance that is still running.
     pub fn pid(&self) -> Option<u32> {
         match &self.kind {
             Kind::Process(c) => c.id(),
+            Kind::Adopted(p) => Some(p.pid),
             Kind::Synthetic(..) => None,
         }
     }
@@ -213,6 +278,12 @@ impl Running {
     pub async fn wait(&mut self) -> Exit {
         let code = match &mut self.kind {
             Kind::Process(child) => child.wait().await.ok().and_then(|s| s.code()),
+            Kind::Adopted(p) => {
+                while p.alive() {
+                    tokio::time::sleep(ADOPTED_POLL).await;
+                }
+                None
+            }
             Kind::Synthetic(_, done) => {
                 let _ = done.await;
                 Some(0)
@@ -241,11 +312,48 @@ impl Running {
                     let _ = child.start_kill();
                 }
             },
+            Kind::Adopted(p) => {
+                if p.alive()
+                    && let Ok(pgid) = i32::try_from(p.pid)
+                    && let Err(e) = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pgid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    )
+                {
+                    tracing::warn!(instance = %self.name, error = %e, "could not kill the adopted process group");
+                }
+            }
             Kind::Synthetic(stop, _) => {
                 if let Some(tx) = stop.take() {
                     let _ = tx.send(());
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_start_time_is_read_past_a_command_name_with_spaces_and_parens() {
+        let stat = "4242 (my game (x)) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 50";
+        assert_eq!(start_ticks(stat), Some(987_654));
+        assert_eq!(start_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn this_process_is_alive_and_a_changed_start_time_is_not() {
+        let me = ProcessId::of(std::process::id()).unwrap();
+        assert!(me.alive());
+        let reused = ProcessId {
+            start_ticks: me.start_ticks + 1,
+            ..me
+        };
+        assert!(
+            !reused.alive(),
+            "a pid reused by a newer process is not ours"
+        );
     }
 }

@@ -6,6 +6,7 @@
 //! instance crashed) goes to the link's outbox.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use framecast_shared::protocol::Message;
 use framecast_shared::time::Timestamp;
 
 use super::cgroup::Cgroups;
-use super::launch::{Exit, LaunchSpec, Running, launch};
+use super::launch::{Exit, LaunchSpec, ProcessId, Running, launch};
 use super::supervisor::InstanceId;
 
 /// An instance on the node: its GPU and its number within that GPU's supervisor.
@@ -49,19 +50,47 @@ pub enum InstanceCommand {
         /// Which.
         key: InstanceKey,
     },
+    /// Watch a process an earlier agent launched (found again after a restart).
+    Adopt {
+        /// Which.
+        key: InstanceKey,
+        /// Its name, also its cgroup's.
+        name: String,
+        /// The process.
+        process: ProcessId,
+    },
 }
+
+/// Where the runner keeps what must survive the agent.
+#[derive(Debug)]
+pub struct RunnerConfig {
+    /// Limits for instances.
+    pub cgroups: Cgroups,
+    /// The data directory the host's snapshots go to (see [`InstanceHost::take_snapshot`]);
+    /// `None` keeps nothing.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// The file in the data directory that lists running sessions and their processes.
+pub const SESSIONS_FILE: &str = "sessions.toml";
 
 /// What the runner needs from the agent's core.
 pub trait InstanceHost: Send {
     /// The next command at `now`, if any.
     fn poll_command(&mut self, now: Timestamp) -> Option<InstanceCommand>;
-    /// The instance was launched; `pid` is its process, `None` for the synthetic game.
-    fn started(&mut self, key: &InstanceKey, pid: Option<u32>);
+    /// The instance was launched; `process` is its process, `None` for the synthetic game.
+    fn started(&mut self, key: &InstanceKey, process: Option<ProcessId>);
     /// The instance ended at `now` after running for `ran` (or could not be launched, with
     /// `ran` zero). Returns messages for the broker.
     fn exited(&mut self, key: &InstanceKey, now: Timestamp, ran: Duration) -> Vec<Message>;
     /// When the core next wants to be polled even if nothing happens (a restart backoff).
     fn next_deadline(&self) -> Option<Timestamp>;
+    /// Whether the instance keeps running when the agent shuts down (a session's game
+    /// process, which the next agent adopts); others are stopped.
+    fn keep_on_shutdown(&self, key: &InstanceKey) -> bool;
+    /// What must survive a restart, when it changed since the last call: the contents of
+    /// [`SESSIONS_FILE`].
+    fn take_snapshot(&mut self) -> Option<String>;
 }
 
 /// Executes the host's commands until `shutdown` turns true. `wake` is notified by the host
@@ -73,9 +102,10 @@ pub async fn run<H: InstanceHost + ?Sized>(
     host: Arc<Mutex<H>>,
     wake: Arc<Notify>,
     outbox: mpsc::UnboundedSender<Message>,
-    cgroups: Cgroups,
+    config: RunnerConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let RunnerConfig { cgroups, data_dir } = config;
     let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<(InstanceKey, Exit)>();
     let mut launched: BTreeMap<InstanceKey, Launched> = BTreeMap::new();
     loop {
@@ -86,16 +116,8 @@ pub async fn run<H: InstanceHost + ?Sized>(
                 Some(InstanceCommand::Start { key, spec }) => match launch(&spec, &cgroups) {
                     Ok(running) => {
                         tracing::info!(instance = %key, name = %spec.name, pid = running.pid(), "instance started");
-                        lock(&host).started(&key, running.pid());
-                        let (stop_tx, stop_rx) = oneshot::channel();
-                        launched.insert(
-                            key.clone(),
-                            Launched {
-                                stop: Some(stop_tx),
-                                name: spec.name.clone(),
-                            },
-                        );
-                        tokio::spawn(watch_instance(key, running, stop_rx, exit_tx.clone()));
+                        lock(&host).started(&key, running.process());
+                        launched.insert(key.clone(), watch(key, running, &exit_tx));
                     }
                     Err(e) => {
                         tracing::warn!(instance = %key, error = %e, "instance could not be launched");
@@ -103,6 +125,11 @@ pub async fn run<H: InstanceHost + ?Sized>(
                         send_all(&outbox, replies);
                     }
                 },
+                Some(InstanceCommand::Adopt { key, name, process }) => {
+                    tracing::info!(instance = %key, pid = process.pid, "watching a game process from before the restart");
+                    let running = Running::adopt(name, process);
+                    launched.insert(key.clone(), watch(key, running, &exit_tx));
+                }
                 Some(InstanceCommand::Stop { key }) => match launched.get_mut(&key) {
                     Some(l) => {
                         // Its exit arrives from its watcher.
@@ -116,6 +143,17 @@ pub async fn run<H: InstanceHost + ?Sized>(
                         send_all(&outbox, replies);
                     }
                 },
+            }
+        }
+        let snapshot = lock(&host).take_snapshot();
+        if let (Some(text), Some(dir)) = (snapshot, &data_dir) {
+            let dir = dir.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                crate::datadir::write_atomic(&dir, SESSIONS_FILE, text.as_bytes())
+            })
+            .await;
+            if !matches!(written, Ok(Ok(()))) {
+                tracing::error!(result = ?written, "could not record running sessions; an agent restart would lose track of them");
             }
         }
         let deadline = lock(&host).next_deadline();
@@ -144,8 +182,17 @@ pub async fn run<H: InstanceHost + ?Sized>(
                 send_all(&outbox, replies);
             }
             _ = shutdown.changed() => {
-                for stop in launched.values_mut().filter_map(|l| l.stop.take()) {
-                    let _ = stop.send(());
+                {
+                    let host = lock(&host);
+                    for (key, l) in &mut launched {
+                        let stop = l.stop.take();
+                        if host.keep_on_shutdown(key) {
+                            // Dropping the sender unsent leaves the process alone.
+                            tracing::info!(instance = %key, "left running for the next agent to adopt");
+                        } else if let Some(stop) = stop {
+                            let _ = stop.send(());
+                        }
+                    }
                 }
                 drop(exit_tx);
                 // Give the watchers a moment to kill their process groups.
@@ -166,7 +213,24 @@ struct Launched {
     name: String,
 }
 
-/// Waits for an instance to exit or to be told to stop, then reports its exit.
+/// Starts watching `running`; what the runner keeps to stop it.
+fn watch(
+    key: InstanceKey,
+    running: Running,
+    exits: &mpsc::UnboundedSender<(InstanceKey, Exit)>,
+) -> Launched {
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let name = running.name().to_owned();
+    tokio::spawn(watch_instance(key, running, stop_rx, exits.clone()));
+    Launched {
+        stop: Some(stop_tx),
+        name,
+    }
+}
+
+/// Waits for an instance to exit or to be told to stop, then reports its exit. A stop
+/// channel dropped without a message (the agent shuts down and leaves the instance running)
+/// ends the watch without touching the instance.
 async fn watch_instance(
     key: InstanceKey,
     mut running: Running,
@@ -175,7 +239,10 @@ async fn watch_instance(
 ) {
     let exit = tokio::select! {
         exit = running.wait() => exit,
-        _ = stop => {
+        asked = stop => {
+            if asked.is_err() {
+                return;
+            }
             running.stop().await;
             running.wait().await
         }

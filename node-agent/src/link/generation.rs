@@ -1,7 +1,7 @@
 //! The agent's generation: a counter in its data directory that grows on every start, so the
 //! broker can tell a restarted agent from a stale connection of the old one.
 
-use std::io::{self, Write};
+use std::io;
 use std::path::Path;
 
 const FILE: &str = "generation";
@@ -25,13 +25,7 @@ pub fn next(data_dir: &Path) -> io::Result<u64> {
     let next = current
         .checked_add(1)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "generation overflow"))?;
-    let tmp = data_dir.join(format!("{FILE}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(format!("{next}\n").as_bytes())?;
-    // Durable before it replaces the old value, and the rename durable before we go on.
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(data_dir)?.sync_all()?;
+    crate::datadir::write_atomic(data_dir, FILE, format!("{next}\n").as_bytes())?;
     Ok(next)
 }
 
