@@ -30,6 +30,16 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         simulate: Option<PathBuf>,
     },
+    /// Internal: move this process into the cgroup DIR, then run PROGRAM in its place (how the
+    /// agent starts a game inside its limits).
+    #[command(hide = true)]
+    ExecInCgroup {
+        /// The instance's cgroup directory.
+        dir: PathBuf,
+        /// The game and its arguments.
+        #[arg(last = true, required = true)]
+        program: Vec<std::ffi::OsString>,
+    },
     /// Print the GPUs this host has, as the agent sees them: NVML when the driver is
     /// present, else the simulated inventory.
     Inventory {
@@ -45,6 +55,7 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::CheckConfig(args) => args.run::<AgentConfig>(),
         Command::Run { config, simulate } => run(&config, simulate.as_deref()),
+        Command::ExecInCgroup { dir, program } => exec_in_cgroup(&dir, &program),
         Command::Inventory { config, simulate } => {
             let listing = config
                 .load::<AgentConfig>()
@@ -75,6 +86,23 @@ fn main() -> ExitCode {
             }))
         }
     }
+}
+
+#[allow(clippy::print_stderr)] // the process's last words
+fn exec_in_cgroup(dir: &Path, program: &[std::ffi::OsString]) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let Some((program, args)) = program.split_first() else {
+        eprintln!("error: exec-in-cgroup needs a program");
+        return ExitCode::from(127);
+    };
+    if let Err(e) = framecast_agent::instances::cgroup::join(dir, std::process::id()) {
+        eprintln!("error: cannot join cgroup {}: {e}", dir.display());
+        return ExitCode::from(127);
+    }
+    // Only returns on failure; the environment and process group carry over.
+    let e = std::process::Command::new(program).args(args).exec();
+    eprintln!("error: cannot run {}: {e}", Path::new(program).display());
+    ExitCode::from(127)
 }
 
 #[allow(clippy::print_stderr)] // the process's last words

@@ -115,7 +115,13 @@ pub async fn run(config: AgentConfig, simulate: Option<&Path>) -> anyhow::Result
     let core = Arc::new(Mutex::new(core));
     let agent: Arc<Mutex<dyn AgentState>> = core.clone();
     let cgroups = match &config.instances.cgroup_root {
-        Some(root) => Cgroups::detect(root),
+        Some(root) => match std::env::current_exe() {
+            Ok(me) => Cgroups::detect(root).with_exec_helper(me),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot find the agent's own binary: games join their cgroup just after they start");
+                Cgroups::detect(root)
+            }
+        },
         None => Cgroups::disabled(),
     };
 

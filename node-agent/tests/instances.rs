@@ -199,3 +199,38 @@ async fn stopping_an_instance_stops_what_it_started() {
     .await
     .expect("the game's child outlived the stop");
 }
+
+#[tokio::test]
+async fn a_game_is_in_its_cgroup_before_it_runs() {
+    // A delegated cgroup v2 subtree, faked: writing cgroup.procs here is a plain file write,
+    // so what the helper wrote is what the test reads back.
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("cgroup.controllers"), "cpu memory\n").unwrap();
+    let cgroups = Cgroups::detect(root.path())
+        .with_exec_helper(PathBuf::from(env!("CARGO_BIN_EXE_framecast-agent")));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pid.txt");
+    let game = shell_game(
+        "echo $$ > \"$OUT_FILE\"",
+        &[("OUT_FILE", out.to_str().unwrap())],
+    );
+    let gpu = GpuId::new("sim-0").unwrap();
+    let spec = LaunchSpec::new("instance-5".into(), &game, &tier_720p(), &gpu, None);
+    let mut running = launch(&spec, &cgroups).unwrap();
+    let launched_pid = running.pid().unwrap();
+    let exit = timeout(LIMIT, running.wait()).await.unwrap();
+    assert_eq!(exit.code, Some(0));
+    let game_pid: u32 = std::fs::read_to_string(&out)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(game_pid, launched_pid, "exec keeps the helper's pid");
+    let procs = std::fs::read_to_string(root.path().join("instance-5/cgroup.procs")).unwrap();
+    assert_eq!(procs.trim(), game_pid.to_string());
+    let quota = u64::from(tier_720p().cpu_millicores) * 100;
+    assert_eq!(
+        std::fs::read_to_string(root.path().join("instance-5/cpu.max")).unwrap(),
+        format!("{quota} 100000\n"),
+    );
+}

@@ -3,6 +3,13 @@
 //! The agent places each instance in `<root>/<instance>` with `cpu.max` and `memory.max` set.
 //! `root` is a cgroup the operator delegates to the agent (systemd `Delegate=yes`); on a host
 //! without cgroup v2 there, instances run unlimited and the agent says so once.
+//!
+//! A game must be inside its cgroup before it runs its first instruction, or a fork bomb at
+//! start-up escapes the limits. The agent therefore launches games through itself
+//! (`framecast-agent exec-in-cgroup <dir> -- <program> <args>`): the helper writes its own pid
+//! to the cgroup's `cgroup.procs` and then `exec`s the game, which keeps the pid, the process
+//! group and the cgroup. Where no helper is configured (tests, embedders), the process is
+//! moved in right after it starts instead.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -22,6 +29,8 @@ pub struct Limits {
 pub struct Cgroups {
     root: Option<PathBuf>,
     warned: AtomicBool,
+    /// The agent's own binary, which moves itself into a cgroup and then runs the game.
+    exec_helper: Option<PathBuf>,
 }
 
 /// The period `cpu.max` quotas are expressed against, µs.
@@ -40,33 +49,30 @@ impl Cgroups {
         Self {
             root: v2.then(|| root.to_owned()),
             warned: AtomicBool::new(!v2),
+            exec_helper: None,
         }
     }
 
-    /// No cgroup subtree configured: instances run without limits, which is logged now.
-    pub fn disabled() -> Self {
-        tracing::warn!(
-            "instances.cgroup_root is not set: game instances run without CPU and memory limits"
-        );
-        Self {
-            root: None,
-            warned: AtomicBool::new(true),
-        }
+    /// Launches games through `helper` (the agent binary's `exec-in-cgroup`), so they start
+    /// inside their cgroup.
+    pub fn with_exec_helper(mut self, helper: PathBuf) -> Self {
+        self.exec_helper = Some(helper);
+        self
     }
 
-    /// Whether limits are applied.
-    pub fn enabled(&self) -> bool {
-        self.root.is_some()
+    /// The helper to launch a game through, when cgroups are in use.
+    pub fn exec_helper(&self) -> Option<&Path> {
+        self.root.as_ref().and(self.exec_helper.as_deref())
     }
 
-    /// Puts process `pid` into a cgroup named `name` with `limits`. `Ok(false)` when cgroups
-    /// are not available (logged once).
-    pub fn place(&self, name: &str, pid: u32, limits: Limits) -> io::Result<bool> {
+    /// Creates the cgroup `name` with `limits`, for a process that moves itself in. `None`
+    /// when cgroups are not available (logged once).
+    pub fn prepare(&self, name: &str, limits: Limits) -> io::Result<Option<PathBuf>> {
         let Some(root) = &self.root else {
             if !self.warned.swap(true, Ordering::Relaxed) {
                 tracing::warn!("cgroup v2 unavailable: instance limits not applied");
             }
-            return Ok(false);
+            return Ok(None);
         };
         check_name(name)?;
         let dir = root.join(name);
@@ -78,7 +84,33 @@ impl Cgroups {
             dir.join("memory.max"),
             format!("{}\n", limits.memory_mb.saturating_mul(1024 * 1024)),
         )?;
-        std::fs::write(dir.join("cgroup.procs"), format!("{pid}\n"))?;
+        Ok(Some(dir))
+    }
+
+    /// No cgroup subtree configured: instances run without limits, which is logged now.
+    pub fn disabled() -> Self {
+        tracing::warn!(
+            "instances.cgroup_root is not set: game instances run without CPU and memory limits"
+        );
+        Self {
+            root: None,
+            warned: AtomicBool::new(true),
+            exec_helper: None,
+        }
+    }
+
+    /// Whether limits are applied.
+    pub fn enabled(&self) -> bool {
+        self.root.is_some()
+    }
+
+    /// Puts process `pid` into a cgroup named `name` with `limits`. `Ok(false)` when cgroups
+    /// are not available (logged once).
+    pub fn place(&self, name: &str, pid: u32, limits: Limits) -> io::Result<bool> {
+        let Some(dir) = self.prepare(name, limits)? else {
+            return Ok(false);
+        };
+        join(&dir, pid)?;
         Ok(true)
     }
 
@@ -93,6 +125,11 @@ impl Cgroups {
             _ => Ok(()),
         }
     }
+}
+
+/// Moves process `pid` into the cgroup directory `dir`.
+pub fn join(dir: &Path, pid: u32) -> io::Result<()> {
+    std::fs::write(dir.join("cgroup.procs"), format!("{pid}\n"))
 }
 
 /// An instance's cgroup is one plain directory below the root: no separators, no dot names.

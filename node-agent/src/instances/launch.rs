@@ -214,7 +214,25 @@ pub fn launch(spec: &LaunchSpec, cgroups: &Cgroups) -> Result<Running, LaunchErr
             let inherited = PASSED_THROUGH
                 .iter()
                 .filter_map(|k| std::env::var_os(k).map(|v| (*k, v)));
-            let child = Command::new(program)
+            // Inside its cgroup from its first instruction where the agent can do that.
+            let mut placed = false;
+            let mut command = match cgroups.exec_helper() {
+                Some(helper) => match cgroups.prepare(&spec.name, spec.limits) {
+                    Ok(Some(dir)) => {
+                        placed = true;
+                        let mut c = Command::new(helper);
+                        c.arg("exec-in-cgroup").arg(dir).arg("--").arg(program);
+                        c
+                    }
+                    Ok(None) => Command::new(program),
+                    Err(e) => {
+                        tracing::warn!(instance = %spec.name, error = %e, "could not prepare the cgroup");
+                        Command::new(program)
+                    }
+                },
+                None => Command::new(program),
+            };
+            let child = command
                 .args(&spec.args)
                 .env_clear()
                 .envs(inherited)
@@ -226,7 +244,8 @@ pub fn launch(spec: &LaunchSpec, cgroups: &Cgroups) -> Result<Running, LaunchErr
                 .kill_on_drop(false)
                 .spawn()
                 .map_err(err)?;
-            if let Some(pid) = child.id()
+            if !placed
+                && let Some(pid) = child.id()
                 && let Err(e) = cgroups.place(&spec.name, pid, spec.limits)
             {
                 tracing::warn!(instance = %spec.name, error = %e, "could not apply cgroup limits");
