@@ -288,6 +288,28 @@ impl InstanceHost for AgentCore {
         if let Some(adopt) = self.adoptions.pop_front() {
             return Some(adopt);
         }
+        // Starts that found no free slot wait until an instance leaves one.
+        let deferred = std::mem::take(&mut self.deferred_starts);
+        let mut found = None;
+        for (key, game, tier) in deferred {
+            let still_wanted = self.supervisors.get(&key.gpu).is_some_and(|s| {
+                s.instances()
+                    .any(|(i, _, _, st)| i == key.id && st == InstanceState::Starting)
+            });
+            if !still_wanted {
+                continue;
+            }
+            if found.is_none()
+                && let Some(spec) = self.launch_spec(&key.gpu, key.id, &game, &tier)
+            {
+                found = Some(InstanceCommand::Start { key, spec });
+            } else {
+                self.deferred_starts.push((key, game, tier));
+            }
+        }
+        if found.is_some() {
+            return found;
+        }
         let gpus: Vec<GpuId> = self.supervisors.keys().cloned().collect();
         for gpu in gpus {
             loop {
@@ -307,14 +329,15 @@ impl InstanceHost for AgentCore {
                                     spec,
                                 });
                             }
-                            None => {
-                                // No free slot after all: drop it; targets are re-clamped
-                                // on the next change.
-                                tracing::warn!(gpu = %gpu, instance = id, "no slot for a warm instance");
-                                if let Some(sup) = self.supervisors.get_mut(&gpu) {
-                                    sup.evict(id);
-                                }
-                            }
+                            // Every slot is held, one of them by an instance still stopping.
+                            None => self.deferred_starts.push((
+                                InstanceKey {
+                                    gpu: gpu.clone(),
+                                    id,
+                                },
+                                game,
+                                tier,
+                            )),
                         }
                     }
                 }
@@ -437,11 +460,14 @@ mod tests {
     }
 
     fn warm_slots(c: &AgentCore) -> Vec<(u32, String)> {
-        c.hello(1)
+        let mut slots: Vec<_> = c
+            .hello(1)
             .warm
             .into_iter()
             .map(|w| (w.slot, w.game.to_string()))
-            .collect()
+            .collect();
+        slots.sort();
+        slots
     }
 
     fn reserve_game(n: u128, slot: u32, game: &str) -> Message {
@@ -588,6 +614,36 @@ mod tests {
         let out = c.handle(reserve(9, "sim-0", 1, 1000));
         assert!(
             matches!(out.as_slice(), [Message::Rejected(r)] if r.reason == RejectReason::Draining)
+        );
+    }
+
+    #[test]
+    fn a_replacement_waits_for_the_slot_of_an_instance_still_stopping() {
+        let mut c = core();
+        c.handle(plan(1, 2, &[("arena", "4k", 2)]));
+        run_commands(&mut c);
+        c.handle(reserve_game(1, 0, "arena"));
+        // Slot 0 is the session's, slot 1 warm: no room for the replacement.
+        let (started, _) = run_commands(&mut c);
+        assert!(started.is_empty());
+        c.handle(Message::Release(framecast_shared::protocol::Release {
+            session_id: SessionId::new(T0, 1),
+            reason: EndReason::Released,
+        }));
+        let (started, stopped) = run_commands(&mut c);
+        assert_eq!(
+            (started.len(), stopped.len()),
+            (0, 1),
+            "slot 0 is still held"
+        );
+        for key in stopped {
+            c.exited(&key, T0, Duration::from_secs(60));
+        }
+        let (started, _) = run_commands(&mut c);
+        assert_eq!(started.len(), 1, "the waiting start takes the freed slot");
+        assert_eq!(
+            warm_slots(&c),
+            [(0, "arena".to_owned()), (1, "arena".to_owned())]
         );
     }
 }

@@ -112,6 +112,8 @@ pub struct AgentCore {
     instance_slots: BTreeMap<InstanceKey, (u32, Option<uuid::Uuid>)>,
     /// The OS process of each live process instance.
     instance_processes: BTreeMap<InstanceKey, ProcessId>,
+    /// Warm starts waiting for a slot to free up.
+    deferred_starts: Vec<(InstanceKey, GameId, TierName)>,
     /// Adopted processes the runner must start watching.
     adoptions: VecDeque<InstanceCommand>,
     /// Sessions changed since the last snapshot.
@@ -167,6 +169,7 @@ impl AgentCore {
             instance_slots: BTreeMap::new(),
             instance_processes: BTreeMap::new(),
             adoptions: VecDeque::new(),
+            deferred_starts: Vec::new(),
             dirty: false,
             policy: InstancePolicy::default(),
             wake: Arc::new(Notify::new()),

@@ -106,6 +106,10 @@ pub async fn run<H: InstanceHost + ?Sized>(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let RunnerConfig { cgroups, data_dir } = config;
+    // Snapshots are written by their own task, newest first, so a slow disk never holds up
+    // launching and stopping games.
+    let (snapshots, snapshots_rx) = watch::channel(None::<String>);
+    let persister = data_dir.map(|dir| tokio::spawn(persist(dir, snapshots_rx)));
     let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<(InstanceKey, Exit)>();
     let mut launched: BTreeMap<InstanceKey, Launched> = BTreeMap::new();
     loop {
@@ -145,16 +149,8 @@ pub async fn run<H: InstanceHost + ?Sized>(
                 },
             }
         }
-        let snapshot = lock(&host).take_snapshot();
-        if let (Some(text), Some(dir)) = (snapshot, &data_dir) {
-            let dir = dir.clone();
-            let written = tokio::task::spawn_blocking(move || {
-                crate::datadir::write_atomic(&dir, SESSIONS_FILE, text.as_bytes())
-            })
-            .await;
-            if !matches!(written, Ok(Ok(()))) {
-                tracing::error!(result = ?written, "could not record running sessions; an agent restart would lose track of them");
-            }
+        if let Some(text) = lock(&host).take_snapshot() {
+            let _ = snapshots.send(Some(text));
         }
         let deadline = lock(&host).next_deadline();
         let sleep = async {
@@ -199,7 +195,34 @@ pub async fn run<H: InstanceHost + ?Sized>(
                 let _ = tokio::time::timeout(Duration::from_secs(2), async {
                     while exit_rx.recv().await.is_some() {}
                 }).await;
+                // The last snapshot lands before the agent exits.
+                if let Some(text) = lock(&host).take_snapshot() {
+                    let _ = snapshots.send(Some(text));
+                }
+                drop(snapshots);
+                if let Some(p) = persister {
+                    let _ = p.await;
+                }
                 return;
+            }
+        }
+    }
+}
+
+/// Writes each newest snapshot to the sessions file until the runner drops its sender (after
+/// a last snapshot, which is written too).
+async fn persist(dir: PathBuf, mut snapshots: watch::Receiver<Option<String>>) {
+    // `changed` still reports a value sent just before the sender was dropped.
+    while snapshots.changed().await.is_ok() {
+        let text = snapshots.borrow_and_update().clone();
+        if let Some(text) = text {
+            let dir = dir.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                crate::datadir::write_atomic(&dir, SESSIONS_FILE, text.as_bytes())
+            })
+            .await;
+            if !matches!(written, Ok(Ok(()))) {
+                tracing::error!(result = ?written, "could not record running sessions; an agent restart would lose track of them");
             }
         }
     }
