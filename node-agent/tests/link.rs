@@ -73,6 +73,7 @@ impl AgentState for TestAgent {
             sent_at: Timestamp::now(),
             gpus: Vec::new(),
             warm: None,
+            plan_generation: None,
         }
     }
 

@@ -395,16 +395,20 @@ impl AgentState for AgentCore {
                 .iter()
                 .map(|g| {
                     let (free_framebuffer, free_encoder) = self.free(g);
+                    let vgpus = self.pool.vgpus_with_profile(&g.found.id);
                     GpuUsage {
                         gpu: g.found.id.clone(),
                         free_framebuffer,
                         free_encoder,
                         encoder_utilization_pct: None,
                         gpu_utilization_pct: None,
+                        vgpus: Some(u16::try_from(vgpus.len()).unwrap_or(u16::MAX)),
+                        profile: vgpus.first().map(|(_, p)| p.clone()),
                     }
                 })
                 .collect(),
             warm: Some(self.warm_instances()),
+            plan_generation: Some(self.plan_generation),
         }
     }
 
@@ -628,5 +632,11 @@ mod tests {
         assert_eq!(c.hello(1).gpus[1].vgpus, 3, "an older plan is ignored");
         c.handle(plan(3, 1));
         assert_eq!(c.hello(1).gpus[1].vgpus, 1);
+        // Heartbeats report how far pre-allocation has come.
+        let hb = c.heartbeat(1, 1);
+        assert_eq!(hb.plan_generation, Some(3));
+        assert_eq!(hb.gpus[1].vgpus, Some(1));
+        assert_eq!(hb.gpus[1].profile.as_deref(), Some("L4-4Q"));
+        assert_eq!(hb.gpus[0].vgpus, Some(0));
     }
 }

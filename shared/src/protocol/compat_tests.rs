@@ -128,8 +128,11 @@ fn absent_optional_fields_read_as_none() {
             free_encoder: crate::units::EncoderUnits::ONE,
             encoder_utilization_pct: Some(40),
             gpu_utilization_pct: Some(60),
+            vgpus: Some(3),
+            profile: None,
         }],
         warm: None,
+        plan_generation: None,
     });
     let mut value = to_value(&heartbeat);
     let Value::Map(top) = &mut value else {

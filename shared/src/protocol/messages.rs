@@ -196,6 +196,10 @@ pub struct Heartbeat {
         proptest(strategy = "proptest::option::of(crate::test_support::small_vec())")
     )]
     pub warm: Option<Vec<WarmInstance>>,
+    /// The newest pool plan the agent has applied (all of it or in part; `gpus` shows what
+    /// was built).
+    #[serde(default)]
+    pub plan_generation: Option<u64>,
 }
 
 /// Free capacity of one GPU at a heartbeat.
@@ -212,6 +216,12 @@ pub struct GpuUsage {
     pub encoder_utilization_pct: Option<u8>,
     /// GPU utilisation NVML reports, in percent, where known.
     pub gpu_utilization_pct: Option<u8>,
+    /// vGPUs that exist on the GPU now: how far pre-allocation has come.
+    #[serde(default)]
+    pub vgpus: Option<u16>,
+    /// The profile those vGPUs use (equal-size), if any.
+    #[serde(default)]
+    pub profile: Option<String>,
 }
 
 /// Broker → agent: how each GPU should be sliced and which warm instances to keep.
