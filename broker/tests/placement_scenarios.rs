@@ -20,7 +20,7 @@ use framecast_shared::gpu::{GpuMode, GpuSpec, models};
 use framecast_shared::ids::{
     GameId, GenreName, GpuId, NodeId, RegionName, SessionId, TenantId, TierName,
 };
-use framecast_shared::protocol::{Hello, RunningSession, WarmInstance};
+use framecast_shared::protocol::{GpuUsage, Heartbeat, Hello, RunningSession, WarmInstance};
 use framecast_shared::state::{EndReason, NodeState, SessionState};
 use framecast_shared::tier::Codec;
 use framecast_shared::units::EncoderUnits;
@@ -996,4 +996,69 @@ fn fps_spreads_while_empty_gpus_are_plentiful_and_packs_when_they_run_out() {
     let p = placed(e.place(Req::new(1, "720p", "fps").build(), T0));
     assert_ne!(p.gpu.as_str(), "n1-gpu0", "{:?}", p.score);
     assert_eq!(p.score.drain, 0.0);
+}
+
+#[test]
+fn warm_instances_follow_the_heartbeats() {
+    let mut e = engine();
+    add_node(&mut e, "n1", "eu", &models::l4(), GpuMode::EqualSize, 2);
+    let warm = |slot| WarmInstance {
+        gpu: GpuId::new("n1-gpu1").unwrap(),
+        slot,
+        game: GameId::new("arena").unwrap(),
+        tier: TierName::new("720p").unwrap(),
+    };
+    let heartbeat = |generation, warm: Option<Vec<WarmInstance>>| Heartbeat {
+        generation,
+        seq: 1,
+        sent_at: T0,
+        gpus: vec![GpuUsage {
+            gpu: GpuId::new("n1-gpu1").unwrap(),
+            free_framebuffer: framecast_shared::units::Megabytes::new(24_576),
+            free_encoder: EncoderUnits::ONE,
+            encoder_utilization_pct: None,
+            gpu_utilization_pct: None,
+            vgpus: Some(12),
+            profile: Some("L4-2Q".into()),
+        }],
+        warm,
+        plan_generation: None,
+    };
+    let node = NodeId::new("n1").unwrap();
+    e.observe_heartbeat(&node, &heartbeat(1, Some(vec![warm(3)])), T0)
+        .unwrap();
+    let p = placed(e.place(Req::new(1, "720p", "fps").build(), T0));
+    assert_eq!((p.gpu.as_str(), p.slot, p.warm), ("n1-gpu1", 3, true));
+    // A heartbeat of an older generation changes nothing; one without a warm list neither.
+    e.observe_heartbeat(&node, &heartbeat(0, Some(vec![warm(4)])), T0)
+        .unwrap();
+    e.observe_heartbeat(&node, &heartbeat(1, None), T0).unwrap();
+    assert!(!placed(e.place(Req::new(2, "720p", "fps").build(), T0)).warm);
+    e.audit().unwrap();
+}
+
+#[test]
+fn a_suspect_node_takes_no_new_sessions_until_it_is_heard_again() {
+    let mut e = engine();
+    add_node(&mut e, "n1", "eu", &models::l4(), GpuMode::EqualSize, 1);
+    let node = NodeId::new("n1").unwrap();
+    e.cordon(&node).unwrap();
+    e.set_suspect(&node, true, T0).unwrap();
+    e.uncordon(&node, T0).unwrap();
+    assert_eq!(
+        e.place(Req::new(1, "720p", "rpg").build(), T0),
+        Decision::Rejected {
+            reason: RejectReason::NoCapacity
+        },
+        "suspect, though the operator's cordon is lifted"
+    );
+    let mut waiting = Req::new(2, "720p", "rpg");
+    waiting.queue = true;
+    assert!(matches!(e.place(waiting.build(), T0), Decision::Queued(_)));
+    e.set_suspect(&node, false, at(1)).unwrap();
+    assert!(
+        matches!(events(&mut e).as_slice(), [EngineEvent::Placed(p)] if p.session_id == sid(2)),
+        "on time again, the queue is served"
+    );
+    e.audit().unwrap();
 }

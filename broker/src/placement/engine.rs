@@ -10,7 +10,7 @@ use framecast_shared::config::BrokerConfig;
 use framecast_shared::genre::GenreProfile;
 use framecast_shared::gpu::GpuMode;
 use framecast_shared::ids::{GpuId, NodeId, SessionId};
-use framecast_shared::protocol::{Hello, RunningSession};
+use framecast_shared::protocol::{Heartbeat, Hello, RunningSession, WarmInstance};
 use framecast_shared::state::{EndReason, NodeState, SessionState};
 use framecast_shared::tier::TierPreset;
 use framecast_shared::time::Timestamp;
@@ -990,6 +990,94 @@ impl Engine {
 
     // ---- observed state ---------------------------------------------------------------
 
+    /// Marks a node whose heartbeats are late (`suspect`: no new sessions go to it) or on time
+    /// again. Its lifecycle state and an operator's cordon are left as they are.
+    pub fn set_suspect(
+        &mut self,
+        node: &NodeId,
+        suspect: bool,
+        now: Timestamp,
+    ) -> Result<(), EngineError> {
+        let idx = self.node_index(node)?;
+        let Some(n) = self.fleet.nodes.get_mut(to_usize(idx)) else {
+            return Err(EngineError::UnknownNode(node.clone()));
+        };
+        if n.suspect == suspect {
+            return Ok(());
+        }
+        n.suspect = suspect;
+        let gpus = n.gpus.clone();
+        for g in gpus {
+            self.fleet.reindex(g);
+        }
+        if !suspect {
+            self.serve_queue(now);
+        }
+        Ok(())
+    }
+
+    /// Applies a heartbeat: the node is on time, and its warm instances are as reported
+    /// (when the agent reports them). A heartbeat of an older generation is ignored.
+    pub fn observe_heartbeat(
+        &mut self,
+        node: &NodeId,
+        heartbeat: &Heartbeat,
+        now: Timestamp,
+    ) -> Result<(), EngineError> {
+        let idx = self.node_index(node)?;
+        if self
+            .fleet
+            .node(idx)
+            .is_some_and(|n| heartbeat.generation < n.generation)
+        {
+            return Ok(());
+        }
+        if let Some(warm) = &heartbeat.warm {
+            let reported: Vec<(&GpuId, Option<&str>)> = heartbeat
+                .gpus
+                .iter()
+                .map(|g| (&g.gpu, g.profile.as_deref()))
+                .collect();
+            self.apply_warm(idx, &reported, warm);
+        }
+        self.set_suspect(node, false, now)?;
+        self.serve_queue(now);
+        Ok(())
+    }
+
+    /// Sets the warm instances of node `idx`'s reported GPUs, each with the profile its vGPUs
+    /// use (which an empty equal-size GPU takes).
+    fn apply_warm(&mut self, idx: NodeIdx, gpus: &[(&GpuId, Option<&str>)], warm: &[WarmInstance]) {
+        for (gpu_id, profile_name) in gpus {
+            let Some(g) = self.node_gpu(idx, gpu_id) else {
+                continue;
+            };
+            let profile = self.fleet.gpu(g).and_then(|gpu| {
+                let spec = self.fleet.catalog.spec(gpu.spec)?;
+                let name = (*profile_name)?;
+                spec.profiles(gpu.mode)
+                    .iter()
+                    .position(|p| p.id == name)
+                    .and_then(|i| u8::try_from(i).ok())
+            });
+            let entries: Vec<(u16, GameIdx, TierIdx)> = warm
+                .iter()
+                .filter(|w| &&w.gpu == gpu_id)
+                .filter_map(|w| {
+                    let slot = u16::try_from(w.slot).ok()?;
+                    let tier = self.fleet.catalog.tier_idx(&w.tier)?;
+                    Some((slot, w.game.clone(), tier))
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .filter_map(|(slot, game, tier)| {
+                    Some((slot, self.fleet.catalog.intern_game(&game)?, tier))
+                })
+                .collect();
+            self.fleet.set_warm(g, profile, &entries);
+        }
+    }
+
     /// Reconciles the engine's view of a node with the agent's full report (its `hello`):
     /// registers the node and its GPUs, adopts sessions the engine did not know (after a
     /// broker restart), ends sessions the agent no longer has (unless the reservation is so
@@ -1015,6 +1103,7 @@ impl Engine {
                     region,
                     state: NodeState::Ready,
                     cordoned: false,
+                    suspect: false,
                     generation: hello.generation,
                     gpus: Vec::new(),
                     cpu_total: hello.cpu_millicores,
@@ -1150,35 +1239,12 @@ impl Engine {
         }
 
         // Warm instances, per GPU, with the observed profile for empty equal-size GPUs.
-        for inv in &hello.gpus {
-            let Some(g) = self.node_gpu(idx, &inv.gpu) else {
-                continue;
-            };
-            let profile = self.fleet.gpu(g).and_then(|gpu| {
-                let spec = self.fleet.catalog.spec(gpu.spec)?;
-                let name = inv.profile.as_deref()?;
-                spec.profiles(gpu.mode)
-                    .iter()
-                    .position(|p| p.id == name)
-                    .and_then(|i| u8::try_from(i).ok())
-            });
-            let warm: Vec<(u16, GameIdx, TierIdx)> = hello
-                .warm
-                .iter()
-                .filter(|w| w.gpu == inv.gpu)
-                .filter_map(|w| {
-                    let slot = u16::try_from(w.slot).ok()?;
-                    let tier = self.fleet.catalog.tier_idx(&w.tier)?;
-                    Some((slot, w.game.clone(), tier))
-                })
-                .collect::<Vec<_>>()
-                .into_iter()
-                .filter_map(|(slot, game, tier)| {
-                    Some((slot, self.fleet.catalog.intern_game(&game)?, tier))
-                })
-                .collect();
-            self.fleet.set_warm(g, profile, &warm);
-        }
+        let reported: Vec<(&GpuId, Option<&str>)> = hello
+            .gpus
+            .iter()
+            .map(|g| (&g.gpu, g.profile.as_deref()))
+            .collect();
+        self.apply_warm(idx, &reported, &hello.warm);
 
         // A node that reports is alive; an operator's cordon stands.
         let (state, cordoned) = self

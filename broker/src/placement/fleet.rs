@@ -33,6 +33,9 @@ pub struct Node {
     pub state: NodeState,
     /// Set by an operator's cordon; survives the node going down and coming back.
     pub cordoned: bool,
+    /// Its heartbeats are late: it takes no new sessions until one arrives. Kept apart from
+    /// the lifecycle state so an operator's cordon or drain is not lost.
+    pub suspect: bool,
     /// The newest agent generation seen.
     pub generation: u64,
     /// Its GPUs.
@@ -41,6 +44,13 @@ pub struct Node {
     pub cpu_total: Option<u32>,
     /// Host CPU held by sessions.
     pub cpu_used: u32,
+}
+
+impl Node {
+    /// Whether new sessions may go to it.
+    pub fn accepts_sessions(&self) -> bool {
+        self.state.accepts_sessions() && !self.suspect
+    }
 }
 
 /// What one vGPU slot holds.
@@ -397,7 +407,7 @@ impl Fleet {
         let node = self.node(gpu.node).ok_or(Infeasible::NotAccepting)?;
         let adopting = matches!(choice, SlotChoice::Exact(_));
         // A session the agent already runs is taken whatever the node's state.
-        if !gpu.present || (!adopting && !node.state.accepts_sessions()) {
+        if !gpu.present || (!adopting && !node.accepts_sessions()) {
             return Err(Infeasible::NotAccepting);
         }
         if gpu.exclusive {
@@ -795,9 +805,7 @@ impl Fleet {
         let accepting = gpu.present
             && !gpu.exclusive
             && gpu.pending_shape.is_none()
-            && self
-                .node(gpu.node)
-                .is_some_and(|n| n.state.accepts_sessions())
+            && self.node(gpu.node).is_some_and(Node::accepts_sessions)
             && self.catalog.spec(gpu.spec).is_some_and(|s| s.can_stream());
         if !accepting {
             return;
