@@ -102,6 +102,13 @@ pub async fn run(config: AgentConfig, simulate: Option<&Path>) -> anyhow::Result
         Box::new(Timestamp::now),
     )
     .with_generation(generation)
+    .with_whep_url(
+        config
+            .whep
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", config.whep.listen)),
+    )
     .with_policy(InstancePolicy {
         backoff: Backoff {
             min: Duration::from_millis(config.instances.restart_backoff_min_ms),

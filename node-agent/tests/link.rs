@@ -63,6 +63,7 @@ impl AgentState for TestAgent {
             sessions: vec![session()],
             warm: Vec::new(),
             cpu_millicores: None,
+            whep_url: None,
         }
     }
 

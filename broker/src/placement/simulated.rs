@@ -39,5 +39,6 @@ pub fn hello(
         sessions: Vec::new(),
         warm: Vec::new(),
         cpu_millicores: None,
+        whep_url: None,
     })
 }

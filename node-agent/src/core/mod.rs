@@ -121,6 +121,8 @@ pub struct AgentCore {
     policy: InstancePolicy,
     /// Notified whenever instance commands are queued.
     wake: Arc<Notify>,
+    /// Where players reach this node's WHEP endpoint, for the hello.
+    whep_url: Option<String>,
 }
 
 impl std::fmt::Debug for AgentCore {
@@ -173,7 +175,14 @@ impl AgentCore {
             dirty: false,
             policy: InstancePolicy::default(),
             wake: Arc::new(Notify::new()),
+            whep_url: None,
         }
+    }
+
+    /// Sets the WHEP base URL the hello reports.
+    pub fn with_whep_url(mut self, url: String) -> Self {
+        self.whep_url = Some(url);
+        self
     }
 
     /// Sets how instances are supervised.
@@ -382,6 +391,7 @@ impl AgentState for AgentCore {
                 .collect(),
             warm: self.warm_instances(),
             cpu_millicores: self.cpu_millicores,
+            whep_url: self.whep_url.clone(),
         }
     }
 

@@ -96,6 +96,10 @@ pub struct Hello {
     /// Host CPU available to game instances, in thousandths of a core, where known.
     #[serde(default)]
     pub cpu_millicores: Option<u32>,
+    /// The base URL of the node's WHEP endpoint players connect to
+    /// (`https://gpu-host-01.example.net:8443`); the broker appends the session's path.
+    #[serde(default)]
+    pub whep_url: Option<String>,
 }
 
 /// An idle game instance kept warm in a vGPU slot.
