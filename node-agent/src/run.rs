@@ -2,7 +2,7 @@
 //! the core state and the control link together.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -122,13 +122,8 @@ pub async fn run(config: AgentConfig, simulate: Option<&Path>) -> anyhow::Result
     let core = Arc::new(Mutex::new(core));
     let agent: Arc<Mutex<dyn AgentState>> = core.clone();
     let cgroups = match &config.instances.cgroup_root {
-        Some(root) => match std::env::current_exe() {
-            Ok(me) => Cgroups::detect(root).with_exec_helper(me),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot find the agent's own binary: games join their cgroup just after they start");
-                Cgroups::detect(root)
-            }
-        },
+        // /proc/self/exe still runs this binary after a package upgrade replaced the file.
+        Some(root) => Cgroups::detect(root).with_exec_helper(PathBuf::from("/proc/self/exe")),
         None => Cgroups::disabled(),
     };
 
@@ -199,6 +194,16 @@ fn adopt_sessions(core: &mut AgentCore, data_dir: &Path) -> anyhow::Result<()> {
                 dropped = adoption.dropped.len(),
                 "sessions from before the restart"
             );
+            for orphan in adoption.orphans {
+                // A game nothing tracks would hold its vGPU for ever.
+                tracing::warn!(
+                    pid = orphan.pid,
+                    "stopping the game of a session that could not be adopted"
+                );
+                if let Err(e) = orphan.kill_group() {
+                    tracing::warn!(pid = orphan.pid, error = %e, "could not stop it");
+                }
+            }
         }
         Err(e) => {
             let aside = path.with_extension("toml.unreadable");

@@ -209,10 +209,15 @@ async fn a_game_is_in_its_cgroup_before_it_runs() {
     let cgroups = Cgroups::detect(root.path())
         .with_exec_helper(PathBuf::from(env!("CARGO_BIN_EXE_framecast-agent")));
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("pid.txt");
+    let out = dir.path().join("seen.txt");
+    let procs = root.path().join("instance-5/cgroup.procs");
+    // The game's first act: read which process its cgroup holds, then say who it is.
     let game = shell_game(
-        "echo $$ > \"$OUT_FILE\"",
-        &[("OUT_FILE", out.to_str().unwrap())],
+        "cat \"$PROCS\" > \"$OUT_FILE\" 2>&1; echo $$ >> \"$OUT_FILE\"",
+        &[
+            ("OUT_FILE", out.to_str().unwrap()),
+            ("PROCS", procs.to_str().unwrap()),
+        ],
     );
     let gpu = GpuId::new("sim-0").unwrap();
     let spec = LaunchSpec::new("instance-5".into(), &game, &tier_720p(), &gpu, None);
@@ -220,14 +225,13 @@ async fn a_game_is_in_its_cgroup_before_it_runs() {
     let launched_pid = running.pid().unwrap();
     let exit = timeout(LIMIT, running.wait()).await.unwrap();
     assert_eq!(exit.code, Some(0));
-    let game_pid: u32 = std::fs::read_to_string(&out)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert_eq!(game_pid, launched_pid, "exec keeps the helper's pid");
-    let procs = std::fs::read_to_string(root.path().join("instance-5/cgroup.procs")).unwrap();
-    assert_eq!(procs.trim(), game_pid.to_string());
+    let seen = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<&str> = seen.lines().collect();
+    assert_eq!(
+        lines,
+        [launched_pid.to_string(), launched_pid.to_string()],
+        "the game found itself in its cgroup before it ran anything: {seen}"
+    );
     let quota = u64::from(tier_720p().cpu_millicores) * 100;
     assert_eq!(
         std::fs::read_to_string(root.path().join("instance-5/cpu.max")).unwrap(),

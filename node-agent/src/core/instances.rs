@@ -66,12 +66,10 @@ impl AgentCore {
             if fits && sup.assign_instance(id, r.session_id) {
                 return true;
             }
-            // The broker's view was older than ours: the slot holds something else.
+            // The broker's view was older than ours: the slot holds something else. It stops;
+            // its slot and vGPU stay recorded until it has exited, and the session's own
+            // instance waits for them (see `launch_spec`).
             sup.evict(id);
-            self.forget(&InstanceKey {
-                gpu: r.gpu.clone(),
-                id,
-            });
         }
         let Some(sup) = self.supervisors.get_mut(&r.gpu) else {
             // Unreachable: reserve checked the GPU. Start nothing rather than panic.
@@ -83,6 +81,7 @@ impl AgentCore {
             id,
         };
         self.instance_slots.insert(key, (r.slot, None));
+        self.prune_slots();
         self.wake.notify_one();
         false
     }
@@ -112,7 +111,7 @@ impl AgentCore {
 
     /// Slots on `gpu` instances can use: one per vGPU where the GPU is sliced, one on an
     /// exclusive GPU, none otherwise (a sliced GPU without vGPUs waits for its plan).
-    fn slot_capacity(&self, gpu: &GpuId) -> u32 {
+    pub(super) fn slot_capacity(&self, gpu: &GpuId) -> u32 {
         let vgpus = self.pool.vgpus(gpu).len();
         let exclusive = self
             .gpu(gpu)
@@ -151,6 +150,9 @@ impl AgentCore {
             .collect();
         if let Some(sup) = self.supervisors.get_mut(gpu) {
             sup.set_targets(targets);
+            // Instances dropped without ever running (a start cancelled, a restart no longer
+            // wanted) leave no exit behind: forget their slots now.
+            self.prune_slots();
             self.wake.notify_one();
         }
     }
@@ -194,17 +196,29 @@ impl AgentCore {
             gpu: gpu.clone(),
             id,
         };
+        let preset = self.tiers.iter().find(|t| &t.name == tier)?.clone();
+        let config = self.game_config(game)?;
         let (slot, vgpu) = match self.instance_slots.get(&key).copied() {
-            // A session's instance: its slot is the reserved one; give it a vGPU now.
-            Some((slot, None)) => (slot, self.free_vgpu(gpu)),
+            // A session's instance: its slot is the reserved one. It waits while an instance
+            // that held the slot is still stopping, and takes a vGPU no instance uses.
+            Some((slot, None)) => {
+                let held_by_another = self
+                    .instance_slots
+                    .iter()
+                    .any(|(k, (s, _))| k != &key && k.gpu == *gpu && *s == slot);
+                let vgpu = self.free_vgpu(gpu);
+                let sliced = !self.pool.vgpus(gpu).is_empty();
+                if held_by_another || (sliced && vgpu.is_none()) {
+                    return None;
+                }
+                (slot, vgpu)
+            }
             Some(placed) => placed,
             None => self.free_slot(gpu)?,
         };
-        self.instance_slots.insert(key, (slot, vgpu));
-        let preset = self.tiers.iter().find(|t| &t.name == tier)?;
-        let config = self.game_config(game)?;
-        let name = format!("instance-{id}-{gpu}");
-        let mut spec = LaunchSpec::new(name, &config, preset, gpu, vgpu);
+        self.instance_slots.insert(key.clone(), (slot, vgpu));
+        let name = self.instance_name(&key);
+        let mut spec = LaunchSpec::new(name, &config, &preset, gpu, vgpu);
         if let (Some(v), "mig") = (vgpu, self.pool.backend_kind()) {
             // CUDA and the container runtime address a MIG slice by its own device name.
             let device = crate::vgpu::mig::visible_device(v);
@@ -215,9 +229,19 @@ impl AgentCore {
         Some(spec)
     }
 
+    /// An instance's name, also its cgroup's: unique across agent restarts (the generation is
+    /// part of it), or the name an adopted instance had.
+    pub(super) fn instance_name(&self, key: &InstanceKey) -> String {
+        self.instance_names
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| format!("instance-{}-{}-{}", self.generation, key.id, key.gpu))
+    }
+
     /// Forgets an instance's slot and process.
     fn forget(&mut self, key: &InstanceKey) {
         self.instance_slots.remove(key);
+        self.instance_names.remove(key);
         if self.instance_processes.remove(key).is_some() {
             self.dirty = true;
         }
@@ -231,7 +255,12 @@ impl AgentCore {
                 .is_some_and(|s| s.instances().any(|(i, ..)| i == k.id))
         };
         self.instance_slots.retain(|k, _| known(k));
+        self.instance_names.retain(|k, _| known(k));
+        let before = self.instance_processes.len();
         self.instance_processes.retain(|k, _| known(k));
+        if self.instance_processes.len() != before {
+            self.dirty = true;
+        }
     }
 
     /// Ready warm instances, for `hello` and heartbeats.
@@ -293,8 +322,9 @@ impl InstanceHost for AgentCore {
         let mut found = None;
         for (key, game, tier) in deferred {
             let still_wanted = self.supervisors.get(&key.gpu).is_some_and(|s| {
-                s.instances()
-                    .any(|(i, _, _, st)| i == key.id && st == InstanceState::Starting)
+                s.instances().any(|(i, _, _, st)| {
+                    i == key.id && matches!(st, InstanceState::Starting | InstanceState::Active(_))
+                })
             });
             if !still_wanted {
                 continue;
@@ -329,7 +359,8 @@ impl InstanceHost for AgentCore {
                                     spec,
                                 });
                             }
-                            // Every slot is held, one of them by an instance still stopping.
+                            // Every slot is held (one of them by an instance still stopping),
+                            // or a session's slot is not free yet: it waits for an exit.
                             None => self.deferred_starts.push((
                                 InstanceKey {
                                     gpu: gpu.clone(),
@@ -372,6 +403,7 @@ impl InstanceHost for AgentCore {
             Ok(text) => Some(text),
             Err(e) => {
                 tracing::error!(error = %e, "cannot encode the sessions snapshot");
+                self.dirty = true;
                 None
             }
         }
@@ -395,6 +427,7 @@ impl InstanceHost for AgentCore {
             self.forget(key);
         }
         self.prune_slots();
+        self.apply_pending_plan();
         self.wake.notify_one();
         match ended {
             Some(e) => {
@@ -524,12 +557,21 @@ mod tests {
         );
         let (started, stopped) = run_commands(&mut c);
         assert_eq!(stopped.len(), 1, "the warm instance in slot 1 stops");
-        // The session's own instance starts, and a warm replacement in the last free slot.
-        assert_eq!(started.len(), 2);
+        // A warm replacement starts in the last free slot; the session's own instance waits
+        // until the one stopping in its slot has exited, and then takes its vGPU.
+        assert_eq!(started.len(), 1);
+        assert_eq!(warm_slots(&c), [(2, "arena".to_owned())]);
+        let held: Vec<_> = started
+            .iter()
+            .filter_map(|s| s.env.get("FRAMECAST_VGPU").cloned())
+            .collect();
         for key in stopped {
             assert!(c.exited(&key, T0, Duration::from_secs(5)).is_empty());
         }
-        assert_eq!(warm_slots(&c), [(2, "arena".to_owned())]);
+        let (started, _) = run_commands(&mut c);
+        assert_eq!(started.len(), 1, "the session's instance, now");
+        let vgpu = started[0].env.get("FRAMECAST_VGPU").cloned();
+        assert!(vgpu.is_some() && !held.contains(vgpu.as_ref().unwrap()));
         // Every slot is taken now: a third session gets no warm instance and none restarts.
         c.handle(reserve_game(3, 2, "arena"));
         let (started, stopped) = run_commands(&mut c);
@@ -645,5 +687,70 @@ mod tests {
             warm_slots(&c),
             [(0, "arena".to_owned()), (1, "arena".to_owned())]
         );
+    }
+
+    #[test]
+    fn a_restart_that_is_no_longer_wanted_gives_its_slot_back() {
+        let mut c = core();
+        c.handle(plan(1, 2, &[("arena", "4k", 2)]));
+        let (started, _) = run_commands(&mut c);
+        assert_eq!(started.len(), 2);
+        // The instance in slot 1 crashes and waits for its restart...
+        let key = InstanceKey {
+            gpu: GpuId::new("sim-0").unwrap(),
+            id: 2,
+        };
+        c.exited(&key, T0, Duration::from_millis(1));
+        // ...when the plan wants another game instead: the waiting restart is dropped and
+        // its slot goes to the new game.
+        c.handle(plan(2, 2, &[("arena", "4k", 1), ("puzzle", "4k", 1)]));
+        let (started, _) = run_commands(&mut c);
+        assert_eq!(started.len(), 1);
+        assert_eq!(
+            warm_slots(&c),
+            [(0, "arena".to_owned()), (1, "puzzle".to_owned())]
+        );
+    }
+
+    #[test]
+    fn a_reslice_waits_for_the_warm_instances_on_the_old_vgpus() {
+        let mut c = core();
+        c.handle(plan(1, 3, &[("arena", "4k", 2)]));
+        run_commands(&mut c);
+        let old: Vec<_> = c.pool.vgpus(&GpuId::new("sim-0").unwrap());
+        // A new profile: the warm instances stop first; the vGPUs stay until they exit.
+        let Message::PoolPlan(mut p) = plan(2, 6, &[("arena", "1080p", 2)]) else {
+            unreachable!()
+        };
+        p.gpus[0].profile = Some("L4-4Q".into());
+        c.handle(Message::PoolPlan(p));
+        let (started, stopped) = run_commands(&mut c);
+        assert_eq!((started.len(), stopped.len()), (0, 2));
+        assert_eq!(c.pool.vgpus(&GpuId::new("sim-0").unwrap()), old);
+        for key in stopped {
+            c.exited(&key, T0, Duration::from_secs(60));
+        }
+        // All gone: the GPU is re-sliced and the new warm instances start on new vGPUs.
+        assert_eq!(c.hello(1).gpus[0].vgpus, 6);
+        assert_eq!(c.hello(1).gpus[0].profile.as_deref(), Some("L4-4Q"));
+        let (started, _) = run_commands(&mut c);
+        assert_eq!(started.len(), 2);
+        assert!(
+            started
+                .iter()
+                .all(|s| s.env.get("FRAMECAST_TIER").map(String::as_str) == Some("1080p"))
+        );
+    }
+
+    #[test]
+    fn a_slot_beyond_the_gpus_vgpus_is_refused() {
+        let mut c = core();
+        c.handle(plan(1, 2, &[]));
+        let out = c.handle(reserve(1, "sim-0", 2, 1000));
+        assert!(
+            matches!(out.as_slice(), [Message::Rejected(r)] if r.reason == RejectReason::NoCapacity),
+            "{out:?}"
+        );
+        assert_eq!(c.session_count(), 0);
     }
 }

@@ -22,8 +22,8 @@ use tokio::sync::Notify;
 use framecast_shared::config::agent::AgentGameConfig;
 use framecast_shared::ids::{GameId, GpuId, NodeId, RegionName, SessionId, TierName};
 use framecast_shared::protocol::{
-    GpuInventory, GpuUsage, Heartbeat, Hello, Message, PROTOCOL_VERSION, RejectReason, Rejected,
-    Reserve, Reserved, RunningSession, SessionUpdate, WarmTarget,
+    GpuInventory, GpuUsage, Heartbeat, Hello, Message, PROTOCOL_VERSION, PoolPlan, RejectReason,
+    Rejected, Reserve, Reserved, RunningSession, SessionUpdate, WarmTarget,
 };
 use framecast_shared::state::{EndReason, SessionState};
 use framecast_shared::tier::TierPreset;
@@ -112,6 +112,11 @@ pub struct AgentCore {
     instance_slots: BTreeMap<InstanceKey, (u32, Option<uuid::Uuid>)>,
     /// The OS process of each live process instance.
     instance_processes: BTreeMap<InstanceKey, ProcessId>,
+    /// The newest pool plan, not applied yet because instances still run on GPUs it
+    /// re-slices (those GPUs listed).
+    pending_plan: Option<(PoolPlan, Vec<GpuId>)>,
+    /// Names of adopted instances (they keep the name, and so the cgroup, they started with).
+    instance_names: BTreeMap<InstanceKey, String>,
     /// Warm starts waiting for a slot to free up.
     deferred_starts: Vec<(InstanceKey, GameId, TierName)>,
     /// Adopted processes the runner must start watching.
@@ -172,6 +177,8 @@ impl AgentCore {
             instance_processes: BTreeMap::new(),
             adoptions: VecDeque::new(),
             deferred_starts: Vec::new(),
+            instance_names: BTreeMap::new(),
+            pending_plan: None,
             dirty: false,
             policy: InstancePolicy::default(),
             wake: Arc::new(Notify::new()),
@@ -213,6 +220,35 @@ impl AgentCore {
     /// The drain deadline, once the broker asked for one.
     pub fn draining(&self) -> Option<Timestamp> {
         self.draining
+    }
+
+    /// Applies the newest pool plan once no instance still runs on a vGPU it would remove;
+    /// until then it stays pending and is tried again after every instance exit.
+    fn apply_pending_plan(&mut self) {
+        let Some((plan, reslicing)) = self.pending_plan.take() else {
+            return;
+        };
+        let waiting = reslicing
+            .iter()
+            .any(|gpu| self.instance_slots.keys().any(|k| &k.gpu == gpu));
+        if waiting {
+            self.pending_plan = Some((plan, reslicing));
+            return;
+        }
+        let busy: Vec<GpuId> = self.sessions.values().map(|h| h.gpu.clone()).collect();
+        let used: Vec<(GpuId, uuid::Uuid)> = self
+            .instance_slots
+            .iter()
+            .filter_map(|(k, (_, v))| v.map(|v| (k.gpu.clone(), v)))
+            .collect();
+        let in_use = |gpu: &GpuId, vgpu: uuid::Uuid| {
+            busy.contains(gpu) || used.iter().any(|(g, v)| g == gpu && *v == vgpu)
+        };
+        let progress = plan::apply(&mut self.pool, &plan, &in_use);
+        if !progress.complete() {
+            tracing::warn!(plan = plan.plan_generation, failures = ?progress.failures, "pool plan applied in part");
+        }
+        self.set_warm_plan(&plan);
     }
 
     /// Framebuffer and encoder use per GPU, for metrics.
@@ -284,6 +320,16 @@ impl AgentCore {
                 RejectReason::Other
             };
             return reject(reason, detail);
+        }
+        let capacity = self.slot_capacity(&r.gpu);
+        if capacity > 0 && r.slot >= capacity {
+            return reject(
+                RejectReason::NoCapacity,
+                format!(
+                    "{} has {capacity} vGPU slots; there is no slot {}",
+                    r.gpu, r.slot
+                ),
+            );
         }
         if self
             .sessions
@@ -433,8 +479,10 @@ impl AgentState for AgentCore {
             Message::PoolPlan(p) if p.plan_generation > self.plan_generation => {
                 self.plan_generation = p.plan_generation;
                 let busy: Vec<GpuId> = self.sessions.values().map(|h| h.gpu.clone()).collect();
-                // Warm instances on a GPU whose vGPUs change are stopped first; the new
-                // targets start them again on the new vGPUs.
+                // Warm instances on a GPU whose vGPUs change are stopped first; the plan is
+                // applied to it once they have exited, and the new targets start them again
+                // on the new vGPUs.
+                let mut reslicing = Vec::new();
                 for g in &p.gpus {
                     let held = self.pool.vgpus_with_profile(&g.gpu);
                     let reslice = held.first().map(|(_, profile)| profile) != g.profile.as_ref()
@@ -442,13 +490,11 @@ impl AgentState for AgentCore {
                     if reslice && !busy.contains(&g.gpu) && self.pool.has_gpu(&g.gpu) {
                         self.warm_plan.remove(&g.gpu);
                         self.refresh_targets(&g.gpu);
+                        reslicing.push(g.gpu.clone());
                     }
                 }
-                let progress = plan::apply(&mut self.pool, &p, &|gpu, _| busy.contains(gpu));
-                if !progress.complete() {
-                    tracing::warn!(plan = p.plan_generation, failures = ?progress.failures, "pool plan applied in part");
-                }
-                self.set_warm_plan(&p);
+                self.pending_plan = Some((p, reslicing));
+                self.apply_pending_plan();
                 Vec::new()
             }
             Message::PoolPlan(_) => Vec::new(),

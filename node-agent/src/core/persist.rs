@@ -52,6 +52,9 @@ pub struct SessionRecord {
     /// Its game process; absent for the synthetic game, which does not outlive the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessId>,
+    /// Its instance's name, which is also its cgroup's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 /// What adopting a snapshot did.
@@ -61,6 +64,9 @@ pub struct Adoption {
     pub adopted: Vec<SessionId>,
     /// Sessions left behind, with why.
     pub dropped: Vec<(SessionId, String)>,
+    /// Game processes of dropped sessions that still run: nothing will ever stop them, so the
+    /// caller kills them.
+    pub orphans: Vec<ProcessId>,
 }
 
 impl AgentCore {
@@ -83,6 +89,7 @@ impl AgentCore {
                         since: h.since,
                         encoder: h._lease.units(),
                         vgpu: placed.and_then(|(_, v)| *v),
+                        instance: key.as_ref().map(|k| self.instance_name(k)),
                         process: key.and_then(|k| self.instance_processes.get(&k).copied()),
                     }
                 })
@@ -99,6 +106,9 @@ impl AgentCore {
                 Ok(()) => out.adopted.push(r.session_id),
                 Err(why) => {
                     tracing::warn!(session_id = %r.session_id, %why, "session not adopted");
+                    if let Some(p) = r.process.filter(|p| alive(p)) {
+                        out.orphans.push(p);
+                    }
                     out.dropped.push((r.session_id, why));
                 }
             }
@@ -138,8 +148,11 @@ impl AgentCore {
         };
         self.instance_slots.insert(key.clone(), (r.slot, r.vgpu));
         self.instance_processes.insert(key.clone(), process);
+        if let Some(name) = &r.instance {
+            self.instance_names.insert(key.clone(), name.clone());
+        }
         self.adoptions.push_back(InstanceCommand::Adopt {
-            name: format!("instance-{id}-{}", r.gpu),
+            name: self.instance_name(&key),
             key,
             process,
         });
@@ -219,9 +232,15 @@ mod tests {
         let before = core_with_sessions().snapshot();
         let mut after = core();
         let full = after.heartbeat(1, 1).gpus[0].free_encoder;
+        let name_before = before.sessions[0].instance.clone();
+        assert!(name_before.is_some());
         let adoption = after.adopt(before, &|p| p.pid == 101);
         assert_eq!(adoption.adopted.len(), 1);
         assert_eq!(adoption.dropped.len(), 1);
+        assert!(
+            adoption.orphans.is_empty(),
+            "the dropped one's process is gone"
+        );
         // The adopted session holds its encoder units and is in the hello again.
         assert_ne!(after.heartbeat(1, 2).gpus[0].free_encoder, full);
         let hello = after.hello(2);
@@ -232,8 +251,9 @@ mod tests {
         );
         // The runner is told to watch the process, and a release stops it.
         let key = match after.poll_command(T0) {
-            Some(InstanceCommand::Adopt { key, process, .. }) => {
+            Some(InstanceCommand::Adopt { key, process, name }) => {
                 assert_eq!(process.pid, 101);
+                assert_eq!(Some(name), name_before, "it keeps its name and cgroup");
                 key
             }
             other => panic!("{other:?}"),

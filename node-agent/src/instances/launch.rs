@@ -160,6 +160,19 @@ impl ProcessId {
         })
     }
 
+    /// Kills the process group this process leads, if this very process still runs (a pid
+    /// reused by another process is left alone).
+    pub fn kill_group(&self) -> Result<(), nix::Error> {
+        if !self.alive() {
+            return Ok(());
+        }
+        let pgid = i32::try_from(self.pid).map_err(|_| nix::Error::EINVAL)?;
+        nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pgid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+    }
+
     /// Whether this very process still runs (not a zombie, not a newer process on the pid).
     pub fn alive(&self) -> bool {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
@@ -332,13 +345,7 @@ impl Running {
                 }
             },
             Kind::Adopted(p) => {
-                if p.alive()
-                    && let Ok(pgid) = i32::try_from(p.pid)
-                    && let Err(e) = nix::sys::signal::killpg(
-                        nix::unistd::Pid::from_raw(pgid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    )
-                {
+                if let Err(e) = p.kill_group() {
                     tracing::warn!(instance = %self.name, error = %e, "could not kill the adopted process group");
                 }
             }

@@ -125,8 +125,12 @@ pub async fn run<H: InstanceHost + ?Sized>(
                     }
                     Err(e) => {
                         tracing::warn!(instance = %key, error = %e, "instance could not be launched");
-                        let replies = lock(&host).exited(&key, Timestamp::now(), Duration::ZERO);
+                        // Sent under the core's lock, so a hello built meanwhile cannot
+                        // overtake it.
+                        let mut core = lock(&host);
+                        let replies = core.exited(&key, Timestamp::now(), Duration::ZERO);
                         send_all(&outbox, replies);
+                        drop(core);
                     }
                 },
                 Some(InstanceCommand::Adopt { key, name, process }) => {
@@ -143,8 +147,12 @@ pub async fn run<H: InstanceHost + ?Sized>(
                     }
                     None => {
                         // Never launched (or already gone): it ends now.
-                        let replies = lock(&host).exited(&key, Timestamp::now(), Duration::ZERO);
+                        // Sent under the core's lock, so a hello built meanwhile cannot
+                        // overtake it.
+                        let mut core = lock(&host);
+                        let replies = core.exited(&key, Timestamp::now(), Duration::ZERO);
                         send_all(&outbox, replies);
+                        drop(core);
                     }
                 },
             }
@@ -174,8 +182,10 @@ pub async fn run<H: InstanceHost + ?Sized>(
                 {
                     tracing::debug!(instance = %key, error = %e, "cgroup not removed");
                 }
-                let replies = lock(&host).exited(&key, Timestamp::now(), exit.ran);
+                let mut core = lock(&host);
+                let replies = core.exited(&key, Timestamp::now(), exit.ran);
                 send_all(&outbox, replies);
+                drop(core);
             }
             _ = shutdown.changed() => {
                 {

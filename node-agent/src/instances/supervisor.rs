@@ -185,9 +185,20 @@ impl Supervisor {
         let Some(inst) = self.instances.get_mut(&id) else {
             return false;
         };
+        let queued = self
+            .actions
+            .iter()
+            .position(|a| matches!(a, Action::Start { id: a_id, .. } if *a_id == id));
         match inst.state {
             InstanceState::Active(_) | InstanceState::Stopping => return false,
             InstanceState::Backoff { .. } => {
+                self.instances.remove(&id);
+            }
+            // Never launched: cancel the start rather than launch and stop it.
+            InstanceState::Starting if queued.is_some() => {
+                if let Some(at) = queued {
+                    self.actions.remove(at);
+                }
                 self.instances.remove(&id);
             }
             InstanceState::Starting | InstanceState::Warm => {
