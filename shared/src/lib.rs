@@ -14,6 +14,7 @@
 //! - [`config`]: `broker.toml` and `agent.toml`;
 //! - [`protocol`]: messages, framing and the version handshake between agents and brokers;
 //! - [`tls`]: certificates and mutual-TLS configurations for the agent↔broker link;
+//! - [`token`]: the Ed25519 session tokens the broker signs and node agents check offline;
 //! - `ops` (feature `ops`): the `/metrics`, `/livez` and `/readyz` endpoint both services serve.
 //!
 //! A message goes on the wire as one length-prefixed frame and comes back out of a
@@ -44,6 +45,7 @@ pub mod state;
 pub mod tier;
 pub mod time;
 pub mod tls;
+pub mod token;
 pub mod units;
 
 #[cfg(test)]

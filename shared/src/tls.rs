@@ -2,10 +2,11 @@
 //!
 //! Both sides present a certificate signed by the fleet's CA and check the other's against it.
 //! [`DevCa`] makes a development CA and issues certificates with rcgen (`framecast-broker certs
-//! init`, tests); production deployments bring their own PEM files. QUIC needs TLS 1.3 and an
-//! ALPN protocol, [`ALPN`].
+//! init`, tests), and [`init_dir`] writes a whole development PKI to a directory; production
+//! deployments bring their own PEM files. QUIC needs TLS 1.3 and an ALPN protocol, [`ALPN`].
 
-use std::path::Path;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
@@ -18,6 +19,8 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::config::TlsConfig;
+use crate::ids::NodeId;
+use crate::token::{PRIVATE_KEY_MODE, TokenError, TokenSigner, write_file};
 
 /// The ALPN protocol of the agent↔broker link.
 pub const ALPN: &[u8] = b"framecast/1";
@@ -50,6 +53,33 @@ pub enum TlsError {
     /// The client verifier could not be built.
     #[error("client certificate verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// [`init_dir`] would overwrite a file, and was not told to.
+    #[error("{path} already exists; refusing to overwrite it without force")]
+    Exists {
+        /// The first such file.
+        path: String,
+    },
+    /// A file could not be written.
+    #[error("{path}: {error}")]
+    Write {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        error: std::io::Error,
+    },
+    /// A name given to [`init_dir`] cannot name a certificate.
+    #[error("{what} {name:?}: {reason}")]
+    Name {
+        /// What the name was for.
+        what: &'static str,
+        /// The name.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The session-token signing key could not be made.
+    #[error(transparent)]
+    Token(#[from] TokenError),
 }
 
 /// A certificate and its private key, PEM-encoded.
@@ -219,6 +249,123 @@ pub fn client_config(
     Ok(config)
 }
 
+/// The names the broker's certificate is valid for when [`init_dir`] is given none.
+pub const DEFAULT_BROKER_NAMES: &[&str] = &["localhost", "127.0.0.1"];
+
+/// The mode of the certificate files [`init_dir`] writes (less the umask); its private keys
+/// are 0600.
+const CERT_MODE: u32 = 0o644;
+
+/// What [`init_dir`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitReport {
+    /// The files, in the order they were written.
+    pub files: Vec<PathBuf>,
+}
+
+/// Writes a development PKI into `dir` (made if absent), the library side of
+/// `framecast-broker certs init`:
+///
+/// - `ca.pem`, `ca.key`: a new CA;
+/// - `broker.pem`, `broker.key`: the broker's certificate, valid for `broker_names`
+///   ([`DEFAULT_BROKER_NAMES`] when empty; DNS names or IP addresses);
+/// - `agent-<name>.pem`, `agent-<name>.key` for each name in `agents` (a [`NodeId`], the
+///   certificate's common name);
+/// - `token.key`: the Ed25519 key that signs session tokens ([`TokenSigner`]).
+///
+/// Private keys get mode 0600. An existing file is never overwritten unless `force`: without
+/// it the call writes nothing and returns [`TlsError::Exists`] naming the first existing file.
+/// A CA cannot be reloaded to issue more certificates later (that needs rcgen's
+/// `x509-parser` feature), so adding an agent means running this again with `force` and every
+/// agent's name, and handing out all the new files: the new CA no longer trusts the old
+/// certificates, and the new token key no longer verifies tokens signed with the old one.
+///
+/// Everything is generated before anything is written; an I/O error part way (a full disk)
+/// can still leave some files written, which a run with `force` replaces.
+pub fn init_dir(
+    dir: &Path,
+    broker_names: &[&str],
+    agents: &[&str],
+    force: bool,
+) -> Result<InitReport, TlsError> {
+    let broker_names = if broker_names.is_empty() {
+        DEFAULT_BROKER_NAMES
+    } else {
+        broker_names
+    };
+    let mut agent_ids: Vec<NodeId> = Vec::with_capacity(agents.len());
+    for name in agents {
+        let id = NodeId::new(*name).map_err(|e| TlsError::Name {
+            what: "agent name",
+            name: (*name).to_owned(),
+            reason: e.to_string(),
+        })?;
+        if agent_ids.contains(&id) {
+            return Err(TlsError::Name {
+                what: "agent name",
+                name: (*name).to_owned(),
+                reason: "given twice".into(),
+            });
+        }
+        agent_ids.push(id);
+    }
+
+    let ca = DevCa::generate("Framecast development CA")?;
+    let broker = ca.issue("framecast-broker", broker_names, Role::Broker)?;
+    let mut files: Vec<(String, String, u32)> = vec![
+        ("ca.pem".into(), ca.cert.cert_pem.clone(), CERT_MODE),
+        ("ca.key".into(), ca.cert.key_pem.clone(), PRIVATE_KEY_MODE),
+        ("broker.pem".into(), broker.cert_pem, CERT_MODE),
+        ("broker.key".into(), broker.key_pem, PRIVATE_KEY_MODE),
+    ];
+    for id in &agent_ids {
+        let agent = ca.issue(id.as_str(), &[id.as_str()], Role::Agent)?;
+        files.push((format!("agent-{id}.pem"), agent.cert_pem, CERT_MODE));
+        files.push((format!("agent-{id}.key"), agent.key_pem, PRIVATE_KEY_MODE));
+    }
+    let token = TokenSigner::generate()?;
+    files.push(("token.key".into(), token.to_pkcs8_pem(), PRIVATE_KEY_MODE));
+
+    let write_error = |path: &Path, error: io::Error| TlsError::Write {
+        path: path.display().to_string(),
+        error,
+    };
+    if !force {
+        for (name, _, _) in &files {
+            let path = dir.join(name);
+            // symlink_metadata, so that a dangling link counts as a file too.
+            match std::fs::symlink_metadata(&path) {
+                Ok(_) => {
+                    return Err(TlsError::Exists {
+                        path: path.display().to_string(),
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(write_error(&path, e)),
+            }
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|e| write_error(dir, e))?;
+    let mut report = InitReport {
+        files: Vec::with_capacity(files.len()),
+    };
+    for (name, contents, mode) in files {
+        let path = dir.join(name);
+        // Checked above, but a file made since is still refused rather than overwritten.
+        write_file(&path, contents.as_bytes(), mode, force).map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                TlsError::Exists {
+                    path: path.display().to_string(),
+                }
+            } else {
+                write_error(&path, e)
+            }
+        })?;
+        report.files.push(path);
+    }
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,5 +396,194 @@ mod tests {
             err.starts_with("CA certificate: no certificate found"),
             "{err}"
         );
+    }
+
+    /// Runs a TLS handshake in memory between `client` and `server`, connecting to `name`.
+    fn handshake(
+        client: ClientConfig,
+        server: ServerConfig,
+        name: &str,
+    ) -> Result<(), rustls::Error> {
+        let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(client), name)?;
+        let mut server = rustls::ServerConnection::new(Arc::new(server))?;
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut buf).unwrap();
+            }
+            server.read_tls(&mut buf.as_slice()).unwrap();
+            server.process_new_packets()?;
+            let mut buf = Vec::new();
+            while server.wants_write() {
+                server.write_tls(&mut buf).unwrap();
+            }
+            client.read_tls(&mut buf.as_slice()).unwrap();
+            client.process_new_packets()?;
+            if !client.is_handshaking() && !server.is_handshaking() {
+                assert_eq!(server.alpn_protocol(), Some(ALPN));
+                assert!(server.peer_certificates().is_some_and(|c| !c.is_empty()));
+                return Ok(());
+            }
+        }
+        panic!("the handshake did not finish");
+    }
+
+    fn read(dir: &Path, name: &str) -> String {
+        std::fs::read_to_string(dir.join(name)).unwrap()
+    }
+
+    fn mode(dir: &Path, name: &str) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(dir.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    #[test]
+    fn init_dir_writes_a_working_pki_with_private_keys_0600() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("pki");
+        let report = init_dir(&dir, &[], &["gpu-host-1", "gpu-host-2"], false).unwrap();
+        let names: Vec<_> = report
+            .files
+            .iter()
+            .map(|p| {
+                assert_eq!(p.parent(), Some(dir.as_path()));
+                p.file_name().unwrap().to_str().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "ca.pem",
+                "ca.key",
+                "broker.pem",
+                "broker.key",
+                "agent-gpu-host-1.pem",
+                "agent-gpu-host-1.key",
+                "agent-gpu-host-2.pem",
+                "agent-gpu-host-2.key",
+                "token.key",
+            ]
+        );
+        for name in &names {
+            let expected = if name.ends_with(".key") { 0o600 } else { 0o644 };
+            // The umask may take bits off a certificate, never add any.
+            assert_eq!(
+                mode(&dir, name) & !expected,
+                0,
+                "{name}: {:o}",
+                mode(&dir, name)
+            );
+            if name.ends_with(".key") {
+                assert_eq!(mode(&dir, name), 0o600, "{name}");
+            }
+        }
+
+        let ca = read(&dir, "ca.pem");
+        let server = || server_config(&ca, &read(&dir, "broker.pem"), &read(&dir, "broker.key"));
+        for agent in ["gpu-host-1", "gpu-host-2"] {
+            let client = client_config(
+                &ca,
+                &read(&dir, &format!("agent-{agent}.pem")),
+                &read(&dir, &format!("agent-{agent}.key")),
+            )
+            .unwrap();
+            for name in DEFAULT_BROKER_NAMES {
+                handshake(client.clone(), server().unwrap(), name).unwrap();
+            }
+        }
+        let signer = crate::token::TokenSigner::load_or_create(&dir.join("token.key")).unwrap();
+        assert_eq!(
+            signer.to_pkcs8_pem(),
+            read(&dir, "token.key"),
+            "token.key is read, not replaced"
+        );
+    }
+
+    #[test]
+    fn init_dir_certificates_carry_the_given_names_and_roles() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        init_dir(dir, &["broker.example", "10.0.0.5"], &["gpu-host-1"], false).unwrap();
+        let ca = read(dir, "ca.pem");
+        let server = || server_config(&ca, &read(dir, "broker.pem"), &read(dir, "broker.key"));
+        let agent = || {
+            client_config(
+                &ca,
+                &read(dir, "agent-gpu-host-1.pem"),
+                &read(dir, "agent-gpu-host-1.key"),
+            )
+        };
+        handshake(agent().unwrap(), server().unwrap(), "broker.example").unwrap();
+        handshake(agent().unwrap(), server().unwrap(), "10.0.0.5").unwrap();
+        // Not a name it was given.
+        assert!(handshake(agent().unwrap(), server().unwrap(), "localhost").is_err());
+        // An agent's certificate cannot serve as the broker's.
+        let impostor = server_config(
+            &ca,
+            &read(dir, "agent-gpu-host-1.pem"),
+            &read(dir, "agent-gpu-host-1.key"),
+        )
+        .unwrap();
+        assert!(handshake(agent().unwrap(), impostor, "gpu-host-1").is_err());
+
+        // Another directory's CA trusts none of these.
+        let other = tempfile::tempdir().unwrap();
+        init_dir(other.path(), &["broker.example"], &["gpu-host-1"], false).unwrap();
+        let stranger = client_config(
+            &ca,
+            &read(other.path(), "agent-gpu-host-1.pem"),
+            &read(other.path(), "agent-gpu-host-1.key"),
+        )
+        .unwrap();
+        assert!(handshake(stranger, server().unwrap(), "broker.example").is_err());
+    }
+
+    #[test]
+    fn init_dir_never_overwrites_without_force() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        init_dir(dir, &[], &["gpu-host-1"], false).unwrap();
+        let ca = read(dir, "ca.pem");
+
+        let err = init_dir(dir, &[], &["gpu-host-1"], false).unwrap_err();
+        assert!(
+            matches!(&err, TlsError::Exists { path } if path == &dir.join("ca.pem").display().to_string()),
+            "{err}"
+        );
+        assert!(err.to_string().contains("ca.pem"), "{err}");
+        assert_eq!(read(dir, "ca.pem"), ca);
+
+        // One existing file anywhere in the set stops the whole run before it writes.
+        let fresh = tempfile::tempdir().unwrap();
+        std::fs::write(fresh.path().join("agent-gpu-host-2.key"), "mine").unwrap();
+        let err = init_dir(fresh.path(), &[], &["gpu-host-2"], false).unwrap_err();
+        assert!(err.to_string().contains("agent-gpu-host-2.key"), "{err}");
+        assert_eq!(read(fresh.path(), "agent-gpu-host-2.key"), "mine");
+        assert!(!fresh.path().join("ca.pem").exists());
+
+        // With force, everything is replaced, and a replaced key file is 0600 again.
+        std::fs::set_permissions(
+            dir.join("broker.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .unwrap();
+        init_dir(dir, &[], &["gpu-host-1"], true).unwrap();
+        assert_ne!(read(dir, "ca.pem"), ca);
+        assert_eq!(mode(dir, "broker.key"), 0o600);
+    }
+
+    #[test]
+    fn init_dir_refuses_bad_and_repeated_agent_names() {
+        let tmp = tempfile::tempdir().unwrap();
+        for agents in [&["../etc"][..], &["a/b"], &[""], &["gpu-1", "gpu-1"]] {
+            let err = init_dir(tmp.path(), &[], agents, false).unwrap_err();
+            assert!(matches!(err, TlsError::Name { .. }), "{agents:?}: {err}");
+        }
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
     }
 }
