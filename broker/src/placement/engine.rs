@@ -9,7 +9,7 @@ use rustc_hash::FxHashMap;
 use framecast_shared::config::BrokerConfig;
 use framecast_shared::genre::GenreProfile;
 use framecast_shared::gpu::GpuMode;
-use framecast_shared::ids::{GpuId, NodeId, SessionId};
+use framecast_shared::ids::{GpuId, NodeId, SessionId, TierName};
 use framecast_shared::protocol::{Heartbeat, Hello, RunningSession, WarmInstance};
 use framecast_shared::state::{EndReason, NodeState, SessionState};
 use framecast_shared::tier::TierPreset;
@@ -986,6 +986,34 @@ impl Engine {
         for g in gpus {
             self.fleet.reindex(g);
         }
+    }
+
+    /// Where `session` holds a slot: GPU, slot, tier, state and reservation expiry.
+    pub(super) fn allocation(
+        &self,
+        session: &SessionId,
+    ) -> Option<(GpuIdx, u16, TierIdx, SessionState, Option<Timestamp>)> {
+        self.sessions
+            .get(session)
+            .map(|a| (a.gpu, a.slot, a.demand.tier, a.state, a.expires_at))
+    }
+
+    /// Requests waiting, per tier name.
+    pub(super) fn queued_per_tier(&self) -> Vec<(TierName, u32)> {
+        self.fleet
+            .catalog
+            .tiers()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| {
+                let idx = TierIdx::try_from(i).ok()?;
+                let n = Priority::HIGHEST_FIRST
+                    .iter()
+                    .map(|p| self.queue.class(idx, *p).len())
+                    .sum::<usize>();
+                Some((t.name.clone(), u32::try_from(n).unwrap_or(u32::MAX)))
+            })
+            .collect()
     }
 
     // ---- observed state ---------------------------------------------------------------

@@ -768,6 +768,43 @@ impl Fleet {
         self.index(gpu_idx);
     }
 
+    /// How many more sessions of `tier` fit on `gpu` now, counting it as if it took only that
+    /// tier: exact for equal-size GPUs, bounded by free framebuffer and slots otherwise.
+    pub fn free_sessions_of_tier(&self, gpu_idx: GpuIdx, tier: TierIdx) -> Option<u16> {
+        let gpu = self.gpu(gpu_idx)?;
+        if gpu.exclusive || gpu.pending_shape.is_some() {
+            return Some(0);
+        }
+        let fit = self.catalog.fit(gpu.spec, tier);
+        let occupied = gpu.occupied();
+        match gpu.mode {
+            GpuMode::EqualSize => {
+                let (profile, slots) = fit.equal?;
+                Some(if occupied == 0 {
+                    slots
+                } else if gpu.profile == Some(profile) {
+                    gpu.slot_cap.saturating_sub(occupied)
+                } else {
+                    0
+                })
+            }
+            GpuMode::Exclusive => Some(u16::from(occupied == 0 && fit.exclusive)),
+            GpuMode::MixedSize | GpuMode::Mig => {
+                let spec = self.catalog.spec(gpu.spec)?;
+                let per = self
+                    .catalog
+                    .tier(tier)?
+                    .framebuffer
+                    .megabytes()
+                    .get()
+                    .max(1);
+                let by_fb = spec.framebuffer.get().saturating_sub(gpu.used.fb_mb) / per;
+                let free_slots = gpu.slot_cap.saturating_sub(occupied);
+                Some(u16::try_from(by_fb).unwrap_or(u16::MAX).min(free_slots))
+            }
+        }
+    }
+
     /// Recomputes where `gpu` belongs in the indices (after a node changed state).
     pub fn reindex(&mut self, gpu_idx: GpuIdx) {
         self.unindex(gpu_idx);

@@ -23,6 +23,7 @@ pub mod request;
 pub mod score;
 pub mod simulated;
 pub mod strategy;
+pub mod views;
 
 pub use engine::{Engine, EngineConfig, EngineError, ReconcileOutcome, Stats};
 pub use request::{
