@@ -29,6 +29,22 @@ use crate::vgpu::{GpuHandle, VgpuBackend, VgpuPool, sysfs_pci};
 
 /// Runs the agent until the process is interrupted or the broker refuses it.
 pub async fn run(config: AgentConfig, simulate: Option<&Path>) -> anyhow::Result<()> {
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::spawn(async move {
+        terminated().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    run_until(config, simulate, stop).await
+}
+
+/// Runs the agent until `stop` turns true (or the broker refuses it); for agents run
+/// in-process by the broker's dev mode and by tests.
+pub async fn run_until(
+    config: AgentConfig,
+    simulate: Option<&Path>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let node_id = match &config.node_id {
         Some(id) => id.clone(),
         None => host_name().context(
@@ -151,8 +167,7 @@ pub async fn run(config: AgentConfig, simulate: Option<&Path>) -> anyhow::Result
     ));
     let shutdown_tx_for_exit = shutdown_tx.clone();
     tokio::spawn(async move {
-        terminated().await;
-        tracing::info!("shutting down");
+        let _ = stop.wait_for(|s| *s).await;
         let _ = shutdown_tx.send(true);
     });
     tracing::info!(node = %node_id, generation, %broker, "agent starting");

@@ -256,6 +256,12 @@ impl Engine {
         self.queue.position(session)
     }
 
+    /// Estimated seconds until a queued request is placed, from its tier's release rate.
+    pub fn queue_eta(&self, session: &SessionId) -> Option<u32> {
+        let tier = self.queue.get(session)?.tier;
+        self.queue.eta_seconds(tier, self.queue.position(session)?)
+    }
+
     /// Requests queued.
     pub fn queued(&self) -> usize {
         self.queue.len()

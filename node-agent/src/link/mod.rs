@@ -7,7 +7,10 @@
 //! exponential backoff, sending its full state again. A `Goodbye` for an incompatible version,
 //! a stale generation or a failed authorisation stops it: retrying would not help.
 
-pub mod frames;
+/// Protocol frames over the link's QUIC stream.
+pub mod frames {
+    pub use framecast_shared::protocol::quic::*;
+}
 pub mod generation;
 
 use std::net::SocketAddr;
@@ -21,7 +24,7 @@ use framecast_shared::protocol::{
     GoodbyeReason, Heartbeat, Hello, MIN_SUPPORTED_VERSION, Message, PROTOCOL_VERSION,
 };
 
-use frames::{FrameIoError, read_message, write_message};
+use framecast_shared::protocol::quic::{FrameIoError, read_message, write_message};
 
 /// What the link needs from the rest of the agent.
 pub trait AgentState: Send {

@@ -153,6 +153,9 @@ pub struct TenantConfig {
     /// Most concurrent sessions (queued ones included); unlimited when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_sessions: Option<u32>,
+    /// May operate the fleet: list, cordon, uncordon and drain nodes.
+    #[serde(default)]
+    pub admin: bool,
     /// Most allocation requests per minute; unlimited when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_minute: Option<u32>,

@@ -8,6 +8,8 @@
 pub mod framing;
 pub mod handshake;
 pub mod messages;
+#[cfg(feature = "quic")]
+pub mod quic;
 
 pub use framing::{
     DEFAULT_MAX_FRAME, FrameDecoder, FrameError, HEADER_LEN, decode_message, encode_frame,

@@ -1,9 +1,11 @@
-//! Protocol frames over QUIC streams: the async shell around the sans-IO framing in
-//! `framecast_shared::protocol`.
+//! Protocol frames over QUIC streams (feature `quic`): the async shell around the sans-IO
+//! framing, shared by the agent's link and the broker's control plane.
+//!
+//! [`read_message`] is not cancel-safe (a cancelled read loses a partial frame): give the
+//! receive side to one task that only reads.
 
-use framecast_shared::protocol::{
-    FrameError, HEADER_LEN, Message, decode_message, encode_frame, framing::parse_header,
-};
+use super::framing::parse_header;
+use super::{FrameError, HEADER_LEN, Message, decode_message, encode_frame};
 
 /// Why a frame could not be sent or received.
 #[derive(Debug, thiserror::Error)]

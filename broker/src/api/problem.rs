@@ -1,0 +1,156 @@
+//! Errors as RFC 9457 `application/problem+json`.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::service::ServiceError;
+
+/// An RFC 9457 problem document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the kind of problem.
+    #[serde(rename = "type")]
+    #[schema(example = "https://framecast.dev/problems/no-capacity")]
+    pub kind: String,
+    /// A short summary of the kind.
+    #[schema(example = "No capacity")]
+    pub title: String,
+    /// The HTTP status.
+    #[schema(example = 503)]
+    pub status: u16,
+    /// What went wrong with this request.
+    pub detail: String,
+    /// The request body field at fault, where there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// Seconds after which a retry may succeed (also sent as `Retry-After`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u32>,
+}
+
+impl Problem {
+    /// A problem of `status` with a `slug` naming its kind.
+    pub fn new(status: StatusCode, slug: &str, title: &str, detail: impl Into<String>) -> Self {
+        Self {
+            kind: format!("https://framecast.dev/problems/{slug}"),
+            title: title.to_owned(),
+            status: status.as_u16(),
+            detail: detail.into(),
+            field: None,
+            retry_after: None,
+        }
+    }
+
+    /// 400.
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            "Bad request",
+            detail,
+        )
+    }
+
+    /// 401.
+    pub fn unauthorized(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Unauthorized",
+            detail,
+        )
+    }
+
+    /// 404.
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)
+    }
+}
+
+impl From<ServiceError> for Problem {
+    fn from(e: ServiceError) -> Self {
+        let detail = e.to_string();
+        match e {
+            ServiceError::BadRequest(_) => Problem::bad_request(detail),
+            ServiceError::Forbidden(_) => {
+                Problem::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail)
+            }
+            ServiceError::NotFound(_) => Problem::not_found(detail),
+            ServiceError::Conflict(_) => {
+                Problem::new(StatusCode::CONFLICT, "conflict", "Conflict", detail)
+            }
+            ServiceError::Unprocessable { field, .. } => Problem {
+                field: Some(field.to_owned()),
+                ..Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "unprocessable",
+                    "Unknown or unusable value",
+                    detail,
+                )
+            },
+            ServiceError::TooMany { retry_after_s, .. } => Problem {
+                retry_after: Some(retry_after_s),
+                ..Problem::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too-many-requests",
+                    "Too many requests",
+                    detail,
+                )
+            },
+            ServiceError::Unavailable { retry_after_s, .. } => Problem {
+                retry_after: retry_after_s,
+                ..Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no-capacity",
+                    "No capacity",
+                    detail,
+                )
+            },
+            ServiceError::Internal(_) => {
+                tracing::error!(%detail, "request failed inside the broker");
+                Problem::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "Internal error",
+                    "the broker failed; the error is in its log",
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let retry = self.retry_after;
+        let mut response = (
+            status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/problem+json"),
+            )],
+            serde_json::to_string(&self).unwrap_or_else(|_| "{}".into()),
+        )
+            .into_response();
+        if let Some(s) = retry
+            && let Ok(v) = HeaderValue::from_str(&s.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"framecast\""),
+            );
+        }
+        response
+    }
+}
+
+impl IntoResponse for ServiceError {
+    fn into_response(self) -> Response {
+        Problem::from(self).into_response()
+    }
+}

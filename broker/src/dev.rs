@@ -1,0 +1,180 @@
+//! `framecast-broker dev`: a broker and simulated GPU nodes on loopback, in one process, with
+//! a throw-away PKI and a development API key. For trying Framecast, demos and tests; never
+//! for production (the key is printed, the CA lives in a temp dir).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use framecast_shared::config::agent::{AgentConfig, InventorySource, VgpuBackendKind};
+use framecast_shared::config::broker::{GameConfig, TenantConfig};
+use framecast_shared::config::{BrokerConfig, TlsConfig};
+use framecast_shared::ids::{GameId, GenreName, NodeId, TenantId};
+use framecast_shared::tls::{self, DevCa, Role};
+use framecast_shared::token::TokenSigner;
+
+use crate::run::{Running, start};
+use crate::service::tenants::{hex, sha256};
+
+/// What `dev` runs.
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    /// Simulated nodes.
+    pub nodes: usize,
+    /// The simulated GPUs of each node, as a `gpus.toml` document.
+    pub gpus_toml: String,
+    /// Where the HTTP API listens.
+    pub http: SocketAddr,
+    /// Where state goes; a temp dir when absent.
+    pub data_dir: Option<PathBuf>,
+    /// The development API key.
+    pub api_key: String,
+}
+
+impl Default for DevOptions {
+    fn default() -> Self {
+        Self {
+            nodes: 2,
+            gpus_toml: "[[gpus]]\nmodel = \"l4\"\ncount = 2\n".into(),
+            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: None,
+            api_key: "dev-key".into(),
+        }
+    }
+}
+
+/// A running dev deployment.
+#[derive(Debug)]
+pub struct Dev {
+    /// The broker.
+    pub broker: Running,
+    /// The development API key.
+    pub api_key: String,
+    agents: Vec<JoinHandle<anyhow::Result<()>>>,
+    agents_stop: watch::Sender<bool>,
+    /// Keeps the temp dir alive while the deployment runs.
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl Dev {
+    /// Stops the agents, then the broker.
+    pub async fn stop(self) {
+        let _ = self.agents_stop.send(true);
+        for a in self.agents {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), a).await;
+        }
+        self.broker.stop().await;
+    }
+}
+
+/// The configuration dev mode runs the broker with: the defaults, a development tenant (an
+/// operator, so it may use the node endpoints) and three demo games, on loopback.
+pub fn broker_config(options: &DevOptions, data_dir: &Path) -> anyhow::Result<BrokerConfig> {
+    let mut config = BrokerConfig {
+        data_dir: data_dir.join("broker"),
+        ..BrokerConfig::default()
+    };
+    config.http.listen = options.http;
+    config.control.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.tenants = vec![TenantConfig {
+        id: TenantId::new("dev")?,
+        api_key_sha256: hex(&sha256(options.api_key.as_bytes())),
+        max_sessions: None,
+        admin: true,
+        requests_per_minute: None,
+    }];
+    config.games = [
+        ("arena-shooter", "fps"),
+        ("lane-battle", "moba"),
+        ("open-world", "rpg"),
+    ]
+    .into_iter()
+    .map(|(game, genre)| {
+        Ok(GameConfig {
+            id: GameId::new(game)?,
+            genre: GenreName::new(genre)?,
+            tiers: Vec::new(),
+        })
+    })
+    .collect::<anyhow::Result<_>>()?;
+    Ok(config)
+}
+
+/// Starts the broker and `options.nodes` agents on simulated GPUs.
+pub async fn start_dev(options: DevOptions) -> anyhow::Result<Dev> {
+    let (temp, root) = match &options.data_dir {
+        Some(d) => (None, d.clone()),
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("framecast-dev-")
+                .tempdir()
+                .context("creating a temp dir for dev mode")?;
+            let p = t.path().to_owned();
+            (Some(t), p)
+        }
+    };
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let ca = DevCa::generate("Framecast dev CA")?;
+    let broker_cert = ca.issue("broker", &["localhost", "127.0.0.1"], Role::Broker)?;
+    let server_tls = tls::server_config(
+        &ca.cert.cert_pem,
+        &broker_cert.cert_pem,
+        &broker_cert.key_pem,
+    )?;
+    let signer = TokenSigner::load_or_create(&root.join("token.key"))?;
+    let config = broker_config(&options, &root)?;
+    let broker = start(config, Arc::new(server_tls), signer).await?;
+
+    let pki = root.join("pki");
+    std::fs::create_dir_all(&pki)?;
+    write(&pki.join("ca.pem"), &ca.cert.cert_pem)?;
+    let gpus = root.join("gpus.toml");
+    write(&gpus, &options.gpus_toml)?;
+    let (agents_stop, stop_rx) = watch::channel(false);
+    let mut agents = Vec::new();
+    for i in 1..=options.nodes {
+        let name = format!("dev-node-{i}");
+        let cert = ca.issue(&name, &[name.as_str()], Role::Agent)?;
+        let cert_path = pki.join(format!("{name}.pem"));
+        let key_path = pki.join(format!("{name}.key"));
+        write(&cert_path, &cert.cert_pem)?;
+        write(&key_path, &cert.key_pem)?;
+        let mut agent = AgentConfig {
+            node_id: Some(NodeId::new(&name)?),
+            region: broker.broker.config().region.clone(),
+            data_dir: root.join(&name),
+            ..AgentConfig::default()
+        };
+        agent.broker.address = broker.control.to_string();
+        agent.broker.server_name = "localhost".into();
+        agent.broker.tls = Some(TlsConfig {
+            ca_cert: pki.join("ca.pem"),
+            cert: cert_path,
+            key: key_path,
+        });
+        agent.inventory.source = InventorySource::Simulated;
+        agent.inventory.simulate = Some(gpus.clone());
+        agent.vgpu.backend = VgpuBackendKind::Simulated;
+        agent.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        agent.whep.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let stop = stop_rx.clone();
+        agents.push(tokio::spawn(async move {
+            framecast_agent::run::run_until(agent, None, stop).await
+        }));
+    }
+    Ok(Dev {
+        broker,
+        api_key: options.api_key,
+        agents,
+        agents_stop,
+        _temp: temp,
+    })
+}
+
+fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}

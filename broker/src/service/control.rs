@@ -1,0 +1,411 @@
+//! The QUIC control plane: agents connect with mutual TLS, say `hello`, and keep one
+//! bidirectional stream open for heartbeats, reservations and updates.
+//!
+//! Per connection: the `hello` is checked (protocol version, region, generation) and reconciled
+//! with the engine; an older connection of the same node is closed (fenced); the broker answers
+//! `welcome` with its token key and heartbeat interval; then a writer task drains the link's
+//! queue while the reader applies what the agent sends. A connection from an older generation
+//! than one already seen gets `goodbye { stale-generation }`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+
+use framecast_shared::protocol::handshake::negotiate;
+use framecast_shared::protocol::quic::{read_message, write_message};
+use framecast_shared::protocol::{Goodbye, GoodbyeReason, Hello, Message, Release, Welcome};
+use framecast_shared::state::{EndReason, SessionState};
+use framecast_shared::time::Timestamp;
+
+use super::{Answer, Broker, Link, Seen};
+use crate::placement::ReconcileOutcome;
+
+/// How long an agent has to say hello after connecting.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames queued for one agent before senders wait.
+const LINK_QUEUE: usize = 256;
+
+static CONNECTIONS: AtomicU64 = AtomicU64::new(1);
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The TLS configuration cannot be used for QUIC.
+    #[error("control.tls cannot be used for QUIC: {0}")]
+    Tls(String),
+    /// The UDP socket could not be bound.
+    #[error("control.listen {addr}: {error}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        error: std::io::Error,
+    },
+}
+
+/// A bound QUIC endpoint.
+#[derive(Debug)]
+pub struct ControlPlane {
+    endpoint: quinn::Endpoint,
+}
+
+impl ControlPlane {
+    /// Binds `addr` with `tls` (a server config that requires client certificates).
+    pub fn bind(addr: SocketAddr, tls: Arc<rustls::ServerConfig>) -> Result<Self, ControlError> {
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| ControlError::Tls(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_secs(5)));
+        server.transport_config(Arc::new(transport));
+        let endpoint = quinn::Endpoint::server(server, addr)
+            .map_err(|error| ControlError::Bind { addr, error })?;
+        Ok(Self { endpoint })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Accepts agents until `shutdown` turns true, then closes every connection.
+    pub async fn serve(self, broker: Broker, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let broker = broker.clone();
+                    tokio::spawn(async move {
+                        match incoming.await {
+                            Ok(conn) => connection(broker, conn).await,
+                            Err(e) => tracing::info!(error = %e, "an agent's handshake failed"),
+                        }
+                    });
+                }
+                _ = shutdown.wait_for(|s| *s) => break,
+            }
+        }
+        self.endpoint.close(0u32.into(), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+async fn connection(broker: Broker, conn: quinn::Connection) {
+    let remote = conn.remote_address();
+    let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        _ => {
+            tracing::info!(%remote, "an agent opened no stream");
+            return;
+        }
+    };
+    let max_frame = broker.inner.config.control.max_frame_bytes;
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, read(&mut recv, max_frame)).await {
+        Ok(Ok(Some(Message::Hello(h)))) => h,
+        Ok(Ok(other)) => {
+            let what = other.as_ref().map_or("nothing", Message::kind);
+            bye(
+                &mut send,
+                GoodbyeReason::ProtocolError,
+                &format!("expected hello, got {what}"),
+                max_frame,
+            )
+            .await;
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::info!(%remote, error = %e, "bad first frame from an agent");
+            bye(&mut send, GoodbyeReason::ProtocolError, &e, max_frame).await;
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%remote, "no hello in time");
+            return;
+        }
+    };
+    let node = hello.node_id.clone();
+    let span = tracing::info_span!("agent", node_id = %node, generation = hello.generation);
+    let _enter = span.enter();
+    drop(_enter);
+    let version = match negotiate(&hello) {
+        Ok(v) => v,
+        Err(e) => {
+            bye(
+                &mut send,
+                GoodbyeReason::IncompatibleVersion,
+                &e.to_string(),
+                max_frame,
+            )
+            .await;
+            return;
+        }
+    };
+    if hello.region != broker.inner.config.region {
+        let why = format!(
+            "this broker serves region {}, the agent is in {}",
+            broker.inner.config.region, hello.region
+        );
+        bye(&mut send, GoodbyeReason::Unauthorized, &why, max_frame).await;
+        return;
+    }
+    let (tx, mut rx) = mpsc::channel::<Message>(LINK_QUEUE);
+    let conn_id = CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+    if let Err(why) = admit(&broker, &hello, tx.clone(), conn_id).await {
+        bye(&mut send, GoodbyeReason::StaleGeneration, &why, max_frame).await;
+        return;
+    }
+    let welcome = Message::Welcome(Welcome {
+        protocol_version: version,
+        broker_version: env!("CARGO_PKG_VERSION").into(),
+        region: broker.inner.config.region.clone(),
+        generation: hello.generation,
+        heartbeat_interval_ms: broker.inner.config.control.heartbeat_interval_ms,
+        token_public_key: broker.token_public_key().to_vec(),
+    });
+    if write(&mut send, &welcome, max_frame).await.is_err() {
+        forget(&broker, &node, conn_id);
+        return;
+    }
+    tracing::info!(node_id = %node, generation = hello.generation, %remote, gpus = hello.gpus.len(), sessions = hello.sessions.len(), "agent connected");
+    metrics::counter!(crate::metrics::AGENT_CONNECTS).increment(1);
+
+    // The writer owns the send side; everything for the agent goes through the link's queue.
+    let writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if write(&mut send, &m, max_frame).await.is_err() {
+                break;
+            }
+        }
+        let _ = send.finish();
+    });
+    let generation = hello.generation;
+    loop {
+        let message = match read(&mut recv, max_frame).await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(node_id = %node, error = %e, "closing the link after a bad frame");
+                let _ = tx
+                    .send(Message::Goodbye(Goodbye {
+                        reason: GoodbyeReason::ProtocolError,
+                        message: e,
+                    }))
+                    .await;
+                break;
+            }
+        };
+        if !current(&broker, &node, conn_id) {
+            // A newer connection of this node took over: this one is fenced.
+            break;
+        }
+        on_message(&broker, &node, generation, message).await;
+    }
+    drop(tx);
+    forget(&broker, &node, conn_id);
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    conn.close(0u32.into(), b"bye");
+    tracing::info!(node_id = %node, "agent link closed");
+}
+
+/// Reconciles a hello with the engine and registers the link; `Err` when it is stale.
+async fn admit(
+    broker: &Broker,
+    hello: &Hello,
+    tx: mpsc::Sender<Message>,
+    conn: u64,
+) -> Result<(), String> {
+    let now = Timestamp::now();
+    let (outcome, unknown) = {
+        let mut st = broker.state();
+        let outcome = st.engine.reconcile(hello, now);
+        // Sessions the agent runs that no platform asked for here (the store lost them, or
+        // the broker ended them while the agent was away) are released.
+        let unknown: Vec<_> = hello
+            .sessions
+            .iter()
+            .filter(|s| !matches!(s.state, SessionState::Ended(_)))
+            .filter(|s| !st.sessions.contains_key(&s.session_id))
+            .map(|s| s.session_id)
+            .collect();
+        for s in &unknown {
+            let _ = st.engine.release(s, EndReason::Error, now);
+        }
+        (outcome, unknown)
+    };
+    match outcome {
+        Ok(ReconcileOutcome::Stale { current }) => {
+            return Err(format!(
+                "generation {} is older than {current}, which this broker has seen",
+                hello.generation
+            ));
+        }
+        Ok(ReconcileOutcome::Applied {
+            adopted,
+            ended,
+            refused,
+        }) => {
+            tracing::info!(node_id = %hello.node_id, adopted, ended, refused, "hello reconciled");
+        }
+        Err(e) => return Err(format!("the hello could not be applied: {e}")),
+    }
+    let old = broker.inner.links.insert(
+        hello.node_id.clone(),
+        Link {
+            generation: hello.generation,
+            tx,
+            conn,
+            whep_url: hello.whep_url.clone(),
+        },
+    );
+    if let Some(old) = old {
+        tracing::info!(node_id = %hello.node_id, old_generation = old.generation, "a newer connection replaces the node's link");
+        let _ = old.tx.try_send(Message::Goodbye(Goodbye {
+            reason: GoodbyeReason::StaleGeneration,
+            message: "a newer connection of this node took over".into(),
+        }));
+    }
+    broker.inner.seen.insert(
+        hello.node_id.clone(),
+        Seen {
+            last: Instant::now(),
+            suspect: false,
+            down: false,
+        },
+    );
+    for s in unknown {
+        broker
+            .send(
+                &hello.node_id,
+                Message::Release(Release {
+                    session_id: s,
+                    reason: EndReason::Error,
+                }),
+            )
+            .await;
+    }
+    // The reconcile may have ended sessions the agent no longer runs.
+    broker.inner.wake.notify_one();
+    Ok(())
+}
+
+fn current(broker: &Broker, node: &framecast_shared::ids::NodeId, conn: u64) -> bool {
+    broker.inner.links.get(node).is_some_and(|l| l.conn == conn)
+}
+
+fn forget(broker: &Broker, node: &framecast_shared::ids::NodeId, conn: u64) {
+    broker.inner.links.remove_if(node, |_, l| l.conn == conn);
+}
+
+async fn on_message(
+    broker: &Broker,
+    node: &framecast_shared::ids::NodeId,
+    generation: u64,
+    message: Message,
+) {
+    let now = Timestamp::now();
+    match message {
+        Message::Heartbeat(hb) => {
+            if let Some(mut seen) = broker.inner.seen.get_mut(node) {
+                seen.last = Instant::now();
+                seen.suspect = false;
+                seen.down = false;
+            }
+            let r = broker.state().engine.observe_heartbeat(node, &hb, now);
+            if let Err(e) = r {
+                tracing::warn!(node_id = %node, error = %e, "heartbeat not applied");
+            }
+            broker.inner.wake.notify_one();
+        }
+        Message::Reserved(r) => {
+            if let Some((_, tx)) = broker.inner.pending.remove(&r.request_id) {
+                let _ = tx.send(Answer::Reserved { warm: r.warm });
+            }
+        }
+        Message::Rejected(r) => {
+            if let Some((_, tx)) = broker.inner.pending.remove(&r.request_id) {
+                let _ = tx.send(Answer::Rejected(format!("{:?}: {}", r.reason, r.detail)));
+            }
+        }
+        Message::SessionUpdate(u) => {
+            let applied = {
+                let mut st = broker.state();
+                let r = st
+                    .engine
+                    .observe_session(node, u.generation, &u.session_id, u.state, now);
+                match (&r, u.state) {
+                    (Ok(()), SessionState::Ended(_)) => Ok(st.sessions.remove(&u.session_id)),
+                    (Ok(()), state) => {
+                        let record = st.sessions.get_mut(&u.session_id).map(|e| {
+                            e.record.state = state;
+                            if state == SessionState::Active && e.record.active_at.is_none() {
+                                e.record.active_at = Some(u.at);
+                            }
+                            e.record.expires_at = None;
+                            e.clone()
+                        });
+                        Ok(record)
+                    }
+                    (Err(e), _) => Err(e.to_string()),
+                }
+            };
+            match (applied, u.state) {
+                (Ok(entry), SessionState::Ended(reason)) => {
+                    broker
+                        .finish(&u.session_id, entry, reason, false, now)
+                        .await;
+                }
+                (Ok(Some(entry)), _) => {
+                    let store = broker.inner.store.clone();
+                    let rec = entry.record.clone();
+                    let _ = tokio::task::spawn_blocking(move || store.put_session(&rec)).await;
+                    let view = broker.view_of(&entry);
+                    broker.publish(entry.record.tenant.clone(), view);
+                }
+                (Ok(None), _) => {}
+                (Err(e), _) => {
+                    tracing::warn!(node_id = %node, session_id = %u.session_id, error = %e, "session update not applied");
+                }
+            }
+            broker.inner.wake.notify_one();
+        }
+        Message::Goodbye(g) => {
+            tracing::info!(node_id = %node, reason = ?g.reason, message = %g.message, "the agent said goodbye");
+        }
+        Message::Unknown => {}
+        other => {
+            tracing::warn!(node_id = %node, generation, kind = other.kind(), "unexpected message from an agent");
+        }
+    }
+}
+
+async fn read(recv: &mut quinn::RecvStream, max_frame: u32) -> Result<Option<Message>, String> {
+    read_message(recv, max_frame)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn write(send: &mut quinn::SendStream, m: &Message, max_frame: u32) -> Result<(), String> {
+    tokio::time::timeout(Duration::from_secs(10), write_message(send, m, max_frame))
+        .await
+        .map_err(|_| "the agent took no data for 10 s".to_owned())?
+        .map_err(|e| e.to_string())
+}
+
+async fn bye(send: &mut quinn::SendStream, reason: GoodbyeReason, message: &str, max_frame: u32) {
+    tracing::info!(?reason, %message, "refusing an agent");
+    let _ = write(
+        send,
+        &Message::Goodbye(Goodbye {
+            reason,
+            message: message.to_owned(),
+        }),
+        max_frame,
+    )
+    .await;
+    let _ = send.finish();
+    // Let the goodbye leave before the connection is dropped.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}

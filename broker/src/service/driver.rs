@@ -1,0 +1,96 @@
+//! The service's clock: every tick runs the engine's timers, judges node liveness from
+//! heartbeats, ends sessions that no agent reported after a restart, and turns the engine's
+//! events into effects. It also wakes early when something changed.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use framecast_shared::state::{EndReason, SessionState};
+use framecast_shared::time::Timestamp;
+
+use super::Broker;
+
+/// How often the driver runs when nothing wakes it.
+pub const TICK: Duration = Duration::from_millis(200);
+
+/// Runs until `shutdown` turns true.
+pub async fn run(broker: Broker, mut shutdown: watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(TICK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sweep = Instant::now();
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = broker.inner.wake.notified() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        liveness(&broker);
+        orphans(&broker).await;
+        broker.tick(Timestamp::now()).await;
+        if last_sweep.elapsed() >= Duration::from_secs(3600) {
+            last_sweep = Instant::now();
+            let store = broker.inner.store.clone();
+            let swept = tokio::task::spawn_blocking(move || {
+                store.expire_idempotency(Timestamp::now(), super::IDEMPOTENCY_TTL)
+            })
+            .await;
+            tracing::debug!(?swept, "idempotency keys expired");
+        }
+    }
+}
+
+/// Marks nodes whose heartbeats are late suspect, and down after longer.
+fn liveness(broker: &Broker) {
+    let c = &broker.inner.config.control;
+    let suspect_after = Duration::from_millis(u64::from(c.suspect_after_ms));
+    let down_after = Duration::from_millis(u64::from(c.down_after_ms));
+    let now = Timestamp::now();
+    let mut changes = Vec::new();
+    for mut seen in broker.inner.seen.iter_mut() {
+        let silent = seen.last.elapsed();
+        if silent >= down_after && !seen.down {
+            seen.down = true;
+            changes.push((seen.key().clone(), true));
+        } else if silent >= suspect_after && !seen.suspect {
+            seen.suspect = true;
+            changes.push((seen.key().clone(), false));
+        }
+    }
+    for (node, down) in changes {
+        let mut st = broker.state();
+        let r = if down {
+            tracing::warn!(node_id = %node, "node down: no heartbeat");
+            st.engine.node_down(&node, now)
+        } else {
+            tracing::warn!(node_id = %node, "node suspect: heartbeats late");
+            st.engine.set_suspect(&node, true, now)
+        };
+        if let Err(e) = r {
+            tracing::warn!(node_id = %node, error = %e, "liveness change not applied");
+        }
+    }
+}
+
+/// After a restart, placed sessions wait for their agents' hellos; those no agent reported
+/// within the node-lost grace (after the down timeout) end with `node-lost`.
+async fn orphans(broker: &Broker) {
+    let c = &broker.inner.config.control;
+    let grace = Duration::from_millis(u64::from(c.down_after_ms) + u64::from(c.node_lost_grace_ms));
+    if broker.inner.started.elapsed() < grace {
+        return;
+    }
+    let lost: Vec<_> = {
+        let st = broker.state();
+        st.sessions
+            .values()
+            .filter(|e| e.record.state != SessionState::Queued)
+            .filter(|e| st.engine.session_state(&e.record.session_id).is_none())
+            .map(|e| e.record.session_id)
+            .collect()
+    };
+    for id in lost {
+        tracing::warn!(session_id = %id, "no agent reported this session since the broker started");
+        broker.end(&id, EndReason::NodeLost, false).await;
+    }
+}

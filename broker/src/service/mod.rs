@@ -1,0 +1,1099 @@
+//! The broker service: the placement engine behind a lock, the agents' control links, the
+//! durable store, session tokens, and the operations the HTTP API offers.
+//!
+//! The engine stays a sans-IO core: every call passes `now`, and what it decides on its own
+//! (a queued request placed, a reservation expired, a node lost) comes out as events that
+//! [`driver`] turns into messages to agents, store writes and session events. The lock on it
+//! is a plain mutex, held for engine calls only and never across an `.await`.
+//!
+//! - [`control`]: the QUIC control plane agents connect to;
+//! - [`driver`]: timers, node liveness and the engine's events;
+//! - [`tenants`]: API keys and rate limits;
+//! - [`view`]: what the API shows of a session.
+
+pub mod control;
+pub mod driver;
+pub mod tenants;
+pub mod view;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+
+use framecast_shared::config::BrokerConfig;
+use framecast_shared::config::broker::TenantConfig;
+use framecast_shared::ids::{GameId, GenreName, NodeId, RegionName, SessionId, TierName};
+use framecast_shared::protocol::{Message, Release, Reserve};
+use framecast_shared::state::{EndReason, SessionState};
+use framecast_shared::tier::TierPreset;
+use framecast_shared::time::Timestamp;
+use framecast_shared::token::{Claims, TokenSigner};
+
+use crate::placement::{
+    Decision, Engine, EngineConfig, EngineEvent, Fallback, PlaceRequest, Placement, Priority,
+    RegionRtt, RejectReason, strategy,
+};
+use crate::store::{Claim, IdempotencyRecord, Store, StoredSession};
+use tenants::{RateLimits, Tenants};
+use view::{CreateSession, SessionView};
+
+/// How long the broker waits for an agent to confirm a reservation.
+pub const RESERVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Placements tried for one request when agents refuse what the engine chose.
+const PLACE_ATTEMPTS: usize = 3;
+/// Idempotency keys are kept this long.
+pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Why an operation failed, in terms the API maps to status codes.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ServiceError {
+    /// The request is malformed (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The caller may not do this (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// No such session or node (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with an earlier one (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The request names something the broker does not have (422).
+    #[error("{detail}")]
+    Unprocessable {
+        /// The body field at fault.
+        field: &'static str,
+        /// Why.
+        detail: String,
+    },
+    /// The tenant's rate or session quota is used up (429).
+    #[error("{detail}")]
+    TooMany {
+        /// Why.
+        detail: String,
+        /// When to try again, s.
+        retry_after_s: u32,
+    },
+    /// No capacity and queueing was not allowed, or the fleet refused (503).
+    #[error("{detail}")]
+    Unavailable {
+        /// Why.
+        detail: String,
+        /// When trying again may help, s.
+        retry_after_s: Option<u32>,
+    },
+    /// The broker failed (500).
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// How a created session came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    /// It holds a slot (201).
+    Reserved,
+    /// It waits in the queue (202).
+    Queued,
+}
+
+/// A change to a session, for `GET /v1/sessions/{id}/events`.
+#[derive(Debug, Clone)]
+pub struct SessionEvent {
+    /// The session's tenant (events are only shown to it).
+    pub tenant: framecast_shared::ids::TenantId,
+    /// The session as it is now.
+    pub view: SessionView,
+}
+
+/// One session the broker tracks.
+#[derive(Debug, Clone)]
+struct Entry {
+    record: StoredSession,
+    token: Option<String>,
+    whep_url: Option<String>,
+}
+
+/// A connected agent.
+#[derive(Debug, Clone)]
+pub(crate) struct Link {
+    generation: u64,
+    /// Frames to send to the agent.
+    tx: mpsc::Sender<Message>,
+    /// The connection's number, so a closing connection removes only itself.
+    conn: u64,
+    whep_url: Option<String>,
+}
+
+/// When an agent was last heard, and what its silence made of it.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    last: Instant,
+    suspect: bool,
+    down: bool,
+}
+
+/// What an agent answered to a `reserve`.
+#[derive(Debug, Clone)]
+enum Answer {
+    Reserved { warm: bool },
+    Rejected(String),
+}
+
+struct State {
+    engine: Engine,
+    sessions: BTreeMap<SessionId, Entry>,
+    limits: RateLimits,
+}
+
+/// Everything the service shares between its tasks.
+pub(crate) struct Inner {
+    config: BrokerConfig,
+    tiers: Vec<TierPreset>,
+    tenants: Tenants,
+    state: Mutex<State>,
+    links: DashMap<NodeId, Link>,
+    seen: DashMap<NodeId, Seen>,
+    store: Store,
+    signer: TokenSigner,
+    events: broadcast::Sender<SessionEvent>,
+    pending: DashMap<u64, oneshot::Sender<Answer>>,
+    next_id: AtomicU64,
+    /// Wakes the driver after a change that may have produced engine events.
+    wake: Notify,
+    /// When this process started (sessions of agents that never come back end after a grace).
+    started: Instant,
+}
+
+/// The broker, cheap to clone.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("region", &self.inner.config.region)
+            .field("links", &self.inner.links.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// `state` and `end_reason` words for the API.
+pub fn state_words(state: SessionState) -> (&'static str, Option<String>) {
+    match state {
+        SessionState::Queued => ("queued", None),
+        SessionState::Reserved => ("reserved", None),
+        SessionState::Connecting => ("connecting", None),
+        SessionState::Active => ("active", None),
+        SessionState::Reconnecting => ("reconnecting", None),
+        SessionState::Ended(r) => ("ended", Some(r.to_string())),
+    }
+}
+
+impl Broker {
+    /// A broker for `config` over `store`, signing tokens with `signer`. Sessions the store
+    /// holds from before a restart are taken back: queued ones re-enter the queue, placed ones
+    /// wait for their agents' hellos.
+    pub fn new(
+        config: BrokerConfig,
+        store: Store,
+        signer: TokenSigner,
+    ) -> Result<Self, ServiceError> {
+        let tiers = config.tier_presets();
+        let engine = Engine::new(
+            tiers.clone(),
+            config.genre_profiles(),
+            EngineConfig::from_broker(&config),
+            strategy::by_name("genre-weighted", 0)
+                .ok_or_else(|| ServiceError::Internal("no genre-weighted strategy".into()))?,
+        );
+        let (events, _) = broadcast::channel(1024);
+        let tenants = Tenants::new(&config.tenants);
+        let broker = Self {
+            inner: Arc::new(Inner {
+                tiers,
+                tenants,
+                state: Mutex::new(State {
+                    engine,
+                    sessions: BTreeMap::new(),
+                    limits: RateLimits::default(),
+                }),
+                links: DashMap::new(),
+                seen: DashMap::new(),
+                store,
+                signer,
+                events,
+                pending: DashMap::new(),
+                next_id: AtomicU64::new(1),
+                wake: Notify::new(),
+                started: Instant::now(),
+                config,
+            }),
+        };
+        broker.recover()?;
+        Ok(broker)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.inner.config
+    }
+
+    /// The tenants.
+    pub fn tenants(&self) -> &Tenants {
+        &self.inner.tenants
+    }
+
+    /// The key agents verify session tokens with.
+    pub fn token_public_key(&self) -> [u8; 32] {
+        self.inner.signer.public_key()
+    }
+
+    /// Subscribes to session changes.
+    pub fn subscribe(&self) -> broadcast::Receiver<SessionEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Whether the broker can serve: its store answers.
+    pub fn ready(&self) -> Result<(), String> {
+        self.inner
+            .store
+            .session(&SessionId::new(Timestamp::EPOCH, 0))
+            .map(|_| ())
+            .map_err(|e| format!("store: {e}"))
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // The engine's invariants hold between calls; a panic mid-call is a bug the audit in
+        // tests catches, and serving on is better than refusing every request after it.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` on the engine (read-only views for the API).
+    pub fn with_engine<T>(&self, f: impl FnOnce(&Engine) -> T) -> T {
+        f(&self.state().engine)
+    }
+
+    fn recover(&self) -> Result<(), ServiceError> {
+        let stored = self
+            .inner
+            .store
+            .sessions()
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let now = Timestamp::now();
+        let mut st = self.state();
+        for record in stored {
+            if record.state == SessionState::Queued {
+                let req = place_request(&record, true);
+                match st.engine.place(req, now) {
+                    Decision::Queued(_) | Decision::Placed(_) => {}
+                    Decision::Rejected { reason } => {
+                        tracing::warn!(session_id = %record.session_id, ?reason, "a queued session from before the restart cannot queue again");
+                    }
+                }
+            }
+            st.sessions.insert(
+                record.session_id,
+                Entry {
+                    record,
+                    token: None,
+                    whep_url: None,
+                },
+            );
+        }
+        tracing::info!(
+            sessions = st.sessions.len(),
+            "sessions recovered from the store"
+        );
+        drop(st);
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+
+    // ---- sessions ---------------------------------------------------------------------
+
+    /// `POST /v1/sessions`.
+    pub async fn create_session(
+        &self,
+        tenant: &TenantConfig,
+        body: CreateSession,
+        body_sha256: [u8; 32],
+        idempotency_key: Option<String>,
+    ) -> Result<(Created, SessionView), ServiceError> {
+        let now = Timestamp::now();
+        let (game, tier, genre) = self.validate(&body)?;
+        if let Some(key) = &idempotency_key {
+            if key.is_empty() || key.len() > 255 {
+                return Err(ServiceError::BadRequest(
+                    "Idempotency-Key must be 1 to 255 characters".into(),
+                ));
+            }
+            let existing = self
+                .inner
+                .store
+                .idempotency_get(&tenant.id, key)
+                .map_err(internal)?;
+            if let Some(claim) = existing {
+                return self.replay(&claim, body_sha256);
+            }
+        }
+        {
+            let mut st = self.state();
+            if let Err(retry_after_s) = st.limits.take(tenant, now) {
+                return Err(ServiceError::TooMany {
+                    detail: format!(
+                        "tenant {} is over its {} requests per minute",
+                        tenant.id,
+                        tenant.requests_per_minute.unwrap_or_default()
+                    ),
+                    retry_after_s,
+                });
+            }
+            if let Some(max) = tenant.max_sessions {
+                let live = st
+                    .sessions
+                    .values()
+                    .filter(|e| e.record.tenant == tenant.id)
+                    .count();
+                if live >= usize::try_from(max).unwrap_or(usize::MAX) {
+                    return Err(ServiceError::TooMany {
+                        detail: format!("tenant {} holds its quota of {max} sessions", tenant.id),
+                        retry_after_s: 30,
+                    });
+                }
+            }
+        }
+        let preset = self.preset(&tier)?;
+        let mut record = StoredSession {
+            session_id: SessionId::new(now, fastrand::u128(..)),
+            tenant: tenant.id.clone(),
+            game,
+            tier,
+            genre,
+            player_id: body.player_id.clone(),
+            priority: body.priority.clone().unwrap_or_else(|| "normal".into()),
+            regions: self.regions(&body)?,
+            state: SessionState::Queued,
+            node: None,
+            gpu: None,
+            slot: None,
+            created_at: now,
+            placed_at: None,
+            active_at: None,
+            expires_at: None,
+            idempotency_key: idempotency_key.clone(),
+            framebuffer_mb: preset.framebuffer.megabytes().get(),
+            compute_sixteenths: preset.compute_share.sixteenths(),
+        };
+        let mut request = place_request(&record, body.queue.unwrap_or(true));
+        request.priority = parse_priority(body.priority.as_deref())?;
+        request.fallbacks = parse_fallbacks(&body.fallbacks)?;
+        let started = Instant::now();
+        let outcome = self.place(&mut record, request).await;
+        metrics::histogram!(crate::metrics::ALLOCATION_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        let (created, entry) = match outcome {
+            Ok(x) => x,
+            Err(e) => {
+                let outcome = match &e {
+                    ServiceError::Unavailable { .. } => "unavailable",
+                    _ => "rejected",
+                };
+                metrics::counter!(crate::metrics::ALLOCATIONS, "outcome" => outcome).increment(1);
+                return Err(e);
+            }
+        };
+        let idem = idempotency_key.map(|key| IdempotencyRecord {
+            tenant: tenant.id.clone(),
+            key,
+            request_sha256: body_sha256,
+            session_id: record.session_id,
+            created_at: now,
+        });
+        let store = self.inner.store.clone();
+        let rec = entry.record.clone();
+        let claim = tokio::task::spawn_blocking(move || store.create_session(&rec, idem.as_ref()))
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))?
+            .map_err(internal)?;
+        if let Claim::Existing(first) = claim {
+            // Another request with the same key won the race: undo ours, answer with theirs.
+            self.end(&entry.record.session_id, EndReason::Released, true)
+                .await;
+            return self.replay(&first, body_sha256);
+        }
+        let view = self.view_of(&entry);
+        self.state().sessions.insert(entry.record.session_id, entry);
+        metrics::counter!(crate::metrics::ALLOCATIONS, "outcome" => match created {
+            Created::Reserved => "reserved",
+            Created::Queued => "queued",
+        })
+        .increment(1);
+        self.publish(tenant.id.clone(), view.clone());
+        Ok((created, view))
+    }
+
+    /// The answer to a retried request with a claimed idempotency key.
+    fn replay(
+        &self,
+        claim: &IdempotencyRecord,
+        body_sha256: [u8; 32],
+    ) -> Result<(Created, SessionView), ServiceError> {
+        if claim.request_sha256 != body_sha256 {
+            return Err(ServiceError::Conflict(
+                "this Idempotency-Key was used with another request body".into(),
+            ));
+        }
+        let view = self
+            .session_view(&claim.tenant, &claim.session_id)
+            .ok_or_else(|| {
+                ServiceError::Conflict(format!(
+                    "this Idempotency-Key created session {}, which has ended",
+                    claim.session_id
+                ))
+            })?;
+        let created = if view.state == "queued" {
+            Created::Queued
+        } else {
+            Created::Reserved
+        };
+        Ok((created, view))
+    }
+
+    /// The game, tier, genre and regions a request names, checked against the configuration.
+    pub fn resolve(
+        &self,
+        body: &CreateSession,
+    ) -> Result<Resolved, ServiceError> {
+        let (game, tier, genre) = self.validate(body)?;
+        Ok((game, tier, genre, self.regions(body)?))
+    }
+
+    fn validate(
+        &self,
+        body: &CreateSession,
+    ) -> Result<(GameId, TierName, GenreName), ServiceError> {
+        let config = &self.inner.config;
+        let game_cfg = config
+            .games
+            .iter()
+            .find(|g| g.id.as_str() == body.game)
+            .ok_or_else(|| ServiceError::Unprocessable {
+                field: "game",
+                detail: format!("unknown game {:?}", body.game),
+            })?;
+        let tier = config
+            .tiers
+            .keys()
+            .find(|t| t.as_str() == body.tier)
+            .cloned()
+            .ok_or_else(|| ServiceError::Unprocessable {
+                field: "tier",
+                detail: format!(
+                    "unknown tier {:?}; this broker has {}",
+                    body.tier,
+                    config
+                        .tiers
+                        .keys()
+                        .map(|t| t.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })?;
+        if !game_cfg.tiers.is_empty() && !game_cfg.tiers.contains(&tier) {
+            return Err(ServiceError::Unprocessable {
+                field: "tier",
+                detail: format!("{} is not offered at {tier}", game_cfg.id),
+            });
+        }
+        let genre = match &body.genre {
+            None => game_cfg.genre.clone(),
+            Some(g) => config
+                .genres
+                .keys()
+                .find(|k| k.as_str() == g)
+                .cloned()
+                .ok_or_else(|| ServiceError::Unprocessable {
+                    field: "genre",
+                    detail: format!("unknown genre {g:?}"),
+                })?,
+        };
+        if body.player_id.is_empty() || body.player_id.len() > 256 {
+            return Err(ServiceError::BadRequest(
+                "player_id must be 1 to 256 characters".into(),
+            ));
+        }
+        Ok((game_cfg.id.clone(), tier, genre))
+    }
+
+    fn regions(&self, body: &CreateSession) -> Result<Vec<(RegionName, u32)>, ServiceError> {
+        if body.regions.is_empty() {
+            return Ok(vec![(self.inner.config.region.clone(), 0)]);
+        }
+        body.regions
+            .iter()
+            .map(|r| {
+                RegionName::new(&r.name)
+                    .map(|name| (name, r.rtt_ms))
+                    .map_err(|e| ServiceError::Unprocessable {
+                        field: "regions",
+                        detail: format!("region {:?}: {e}", r.name),
+                    })
+            })
+            .collect()
+    }
+
+    fn preset(&self, tier: &TierName) -> Result<TierPreset, ServiceError> {
+        self.inner
+            .tiers
+            .iter()
+            .find(|t| &t.name == tier)
+            .cloned()
+            .ok_or_else(|| ServiceError::Internal(format!("tier {tier} has no preset")))
+    }
+
+    /// Places `record` and holds its slot on the agent; up to [`PLACE_ATTEMPTS`] placements
+    /// when agents refuse.
+    async fn place(
+        &self,
+        record: &mut StoredSession,
+        request: PlaceRequest,
+    ) -> Result<(Created, Entry), ServiceError> {
+        let mut last_refusal = String::new();
+        for _ in 0..PLACE_ATTEMPTS {
+            let now = Timestamp::now();
+            let decision = self.state().engine.place(request.clone(), now);
+            match decision {
+                Decision::Queued(q) => {
+                    record.state = SessionState::Queued;
+                    let mut entry = Entry {
+                        record: record.clone(),
+                        token: None,
+                        whep_url: None,
+                    };
+                    entry.record.state = SessionState::Queued;
+                    tracing::info!(session_id = %record.session_id, position = q.position, "queued");
+                    return Ok((Created::Queued, entry));
+                }
+                Decision::Rejected { reason } => return Err(rejection(reason)),
+                Decision::Placed(p) => match self.reserve_on_agent(record, &p).await {
+                    Ok(entry) => return Ok((Created::Reserved, entry)),
+                    Err(why) => {
+                        tracing::warn!(session_id = %record.session_id, node = %p.node, %why, "the agent refused the reservation");
+                        last_refusal = why;
+                        let _ = self.state().engine.release(
+                            &record.session_id,
+                            EndReason::Error,
+                            Timestamp::now(),
+                        );
+                    }
+                },
+            }
+        }
+        Err(ServiceError::Unavailable {
+            detail: format!("the chosen nodes refused the session: {last_refusal}"),
+            retry_after_s: Some(5),
+        })
+    }
+
+    /// Asks the placement's agent to hold the slot; on success the entry with its token.
+    async fn reserve_on_agent(
+        &self,
+        record: &StoredSession,
+        p: &Placement,
+    ) -> Result<Entry, String> {
+        let preset = self.preset(&p.tier).map_err(|e| e.to_string())?;
+        let link = self
+            .inner
+            .links
+            .get(&p.node)
+            .map(|l| l.clone())
+            .ok_or_else(|| format!("{} is not connected", p.node))?;
+        let request_id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.inner.pending.insert(request_id, tx);
+        let reserve = Message::Reserve(Reserve {
+            request_id,
+            session_id: record.session_id,
+            game: record.game.clone(),
+            tier: p.tier.clone(),
+            gpu: p.gpu.clone(),
+            slot: p.slot,
+            framebuffer: preset.framebuffer.megabytes(),
+            compute_share: preset.compute_share,
+            encoder: preset.encoder_cost,
+            expires_at: p.expires_at,
+        });
+        let sent = link.tx.send(reserve).await;
+        let answer = match sent {
+            Ok(()) => tokio::time::timeout(RESERVE_TIMEOUT, rx).await,
+            Err(_) => {
+                self.inner.pending.remove(&request_id);
+                return Err(format!("the link to {} closed", p.node));
+            }
+        };
+        self.inner.pending.remove(&request_id);
+        let warm = match answer {
+            Ok(Ok(Answer::Reserved { warm })) => warm,
+            Ok(Ok(Answer::Rejected(why))) => return Err(why),
+            Ok(Err(_)) => return Err(format!("the link to {} closed", p.node)),
+            Err(_) => {
+                return Err(format!(
+                    "{} did not answer within {} s",
+                    p.node,
+                    RESERVE_TIMEOUT.as_secs()
+                ));
+            }
+        };
+        let now = Timestamp::now();
+        let mut rec = record.clone();
+        rec.state = SessionState::Reserved;
+        rec.node = Some(p.node.clone());
+        rec.gpu = Some(p.gpu.clone());
+        rec.slot = Some(p.slot);
+        rec.tier = p.tier.clone();
+        rec.placed_at = Some(now);
+        rec.expires_at = Some(p.expires_at);
+        let token = self.inner.signer.sign(&Claims {
+            session_id: rec.session_id,
+            node_id: p.node.clone(),
+            issued_at: now,
+            expires_at: now.saturating_add(Duration::from_secs(u64::from(
+                self.inner.config.timers.max_session_s,
+            ))),
+        });
+        let whep_url = link.whep_url.as_ref().map(|base| {
+            format!(
+                "{}/whep/sessions/{}",
+                base.trim_end_matches('/'),
+                rec.session_id
+            )
+        });
+        tracing::info!(session_id = %rec.session_id, node = %p.node, gpu = %p.gpu, slot = p.slot, warm, "reserved");
+        Ok(Entry {
+            record: rec,
+            token: Some(token),
+            whep_url,
+        })
+    }
+
+    fn view_of(&self, entry: &Entry) -> SessionView {
+        let mut v = SessionView::of(
+            &entry.record,
+            entry.token.as_deref(),
+            entry.whep_url.as_deref(),
+        );
+        if entry.record.state == SessionState::Queued {
+            let st = self.state();
+            v.queue_position = st.engine.queue_position(&entry.record.session_id);
+            v.eta_seconds = st.engine.queue_eta(&entry.record.session_id);
+        }
+        v
+    }
+
+    /// The session `id` of `tenant`, live or ended.
+    pub fn session_view(
+        &self,
+        tenant: &framecast_shared::ids::TenantId,
+        id: &SessionId,
+    ) -> Option<SessionView> {
+        let entry = self.state().sessions.get(id).cloned();
+        match entry {
+            Some(e) if &e.record.tenant == tenant => Some(self.view_of(&e)),
+            Some(_) => None,
+            None => {
+                // Ended sessions live on in the audit log.
+                let audit = self.inner.store.audit(None, None).ok()?;
+                let a = audit.into_iter().rev().find(|a| &a.session_id == id)?;
+                if &a.tenant != tenant {
+                    return None;
+                }
+                Some(SessionView {
+                    session_id: a.session_id.to_string(),
+                    state: "ended".into(),
+                    end_reason: Some(a.end_reason.to_string()),
+                    game: a.game.to_string(),
+                    tier: a.tier.to_string(),
+                    genre: a.genre.to_string(),
+                    player_id: String::new(),
+                    node_id: a.node.map(|n| n.to_string()),
+                    gpu: a.gpu.map(|g| g.to_string()),
+                    whep_url: None,
+                    token: None,
+                    expires_at: None,
+                    queue_position: None,
+                    eta_seconds: None,
+                    created_at: a.created_at.rfc3339(),
+                })
+            }
+        }
+    }
+
+    /// Live sessions of `tenant` matching `filter`, oldest first, after `after`, at most
+    /// `limit`.
+    pub fn list_sessions(
+        &self,
+        tenant: &framecast_shared::ids::TenantId,
+        filter: &SessionFilter,
+    ) -> Vec<SessionView> {
+        let entries: Vec<Entry> = {
+            let st = self.state();
+            st.sessions
+                .range((
+                    filter
+                        .after
+                        .map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded),
+                    std::ops::Bound::Unbounded,
+                ))
+                .map(|(_, e)| e)
+                .filter(|e| &e.record.tenant == tenant)
+                .filter(|e| {
+                    filter
+                        .state
+                        .as_deref()
+                        .is_none_or(|s| state_words(e.record.state).0 == s)
+                })
+                .filter(|e| {
+                    filter
+                        .game
+                        .as_deref()
+                        .is_none_or(|g| e.record.game.as_str() == g)
+                })
+                .filter(|e| {
+                    filter
+                        .tier
+                        .as_deref()
+                        .is_none_or(|t| e.record.tier.as_str() == t)
+                })
+                .filter(|e| {
+                    filter
+                        .node
+                        .as_deref()
+                        .is_none_or(|n| e.record.node.as_ref().is_some_and(|x| x.as_str() == n))
+                })
+                .take(filter.limit)
+                .cloned()
+                .collect()
+        };
+        entries
+            .iter()
+            .map(|e| {
+                let mut v = self.view_of(e);
+                v.token = None;
+                v
+            })
+            .collect()
+    }
+
+    /// `DELETE /v1/sessions/{id}`: ends the session (or cancels the queued request).
+    pub async fn delete_session(
+        &self,
+        tenant: &framecast_shared::ids::TenantId,
+        id: &SessionId,
+    ) -> Result<(), ServiceError> {
+        let owned = self
+            .state()
+            .sessions
+            .get(id)
+            .is_some_and(|e| &e.record.tenant == tenant);
+        if !owned {
+            return Err(ServiceError::NotFound(format!("no live session {id}")));
+        }
+        self.end(id, EndReason::Released, true).await;
+        Ok(())
+    }
+
+    /// Ends session `id` for `reason`: the engine frees its slot, the agent is told (when
+    /// `tell_agent`), the store writes its audit record, and subscribers hear of it.
+    pub(crate) async fn end(&self, id: &SessionId, reason: EndReason, tell_agent: bool) {
+        let now = Timestamp::now();
+        let entry = {
+            let mut st = self.state();
+            let _ = st.engine.release(id, reason, now);
+            st.sessions.remove(id)
+        };
+        self.inner.wake.notify_one();
+        self.finish(id, entry, reason, tell_agent, now).await;
+    }
+
+    /// What follows an end the engine already made.
+    async fn finish(
+        &self,
+        id: &SessionId,
+        entry: Option<Entry>,
+        reason: EndReason,
+        tell_agent: bool,
+        now: Timestamp,
+    ) {
+        let Some(mut entry) = entry else { return };
+        if tell_agent && let Some(node) = &entry.record.node {
+            self.send(
+                node,
+                Message::Release(Release {
+                    session_id: *id,
+                    reason,
+                }),
+            )
+            .await;
+        }
+        let store = self.inner.store.clone();
+        let sid = *id;
+        let written =
+            tokio::task::spawn_blocking(move || store.end_session(&sid, now, reason)).await;
+        if !matches!(written, Ok(Ok(_))) {
+            tracing::error!(session_id = %id, result = ?written, "could not record the end of a session");
+        }
+        metrics::counter!(crate::metrics::SESSIONS_ENDED, "reason" => reason.to_string())
+            .increment(1);
+        tracing::info!(session_id = %id, %reason, "session ended");
+        entry.record.state = SessionState::Ended(reason);
+        let mut view = SessionView::of(&entry.record, None, None);
+        view.expires_at = None;
+        self.publish(entry.record.tenant.clone(), view);
+    }
+
+    fn publish(&self, tenant: framecast_shared::ids::TenantId, view: SessionView) {
+        // No subscriber is fine.
+        let _ = self.inner.events.send(SessionEvent { tenant, view });
+    }
+
+    /// Sends `message` to `node`'s agent, if it is connected.
+    async fn send(&self, node: &NodeId, message: Message) {
+        let tx = self.inner.links.get(node).map(|l| l.tx.clone());
+        if let Some(tx) = tx
+            && tx.send(message).await.is_err()
+        {
+            tracing::debug!(%node, "the link closed before a message could be sent");
+        }
+    }
+
+    /// Live sessions per API state word.
+    pub fn session_counts(&self) -> Vec<(&'static str, usize)> {
+        let st = self.state();
+        let mut counts: Vec<(&'static str, usize)> =
+            ["queued", "reserved", "connecting", "active", "reconnecting"]
+                .into_iter()
+                .map(|s| (s, 0))
+                .collect();
+        for e in st.sessions.values() {
+            let word = state_words(e.record.state).0;
+            if let Some(c) = counts.iter_mut().find(|(s, _)| *s == word) {
+                c.1 += 1;
+            }
+        }
+        counts
+    }
+
+    // ---- nodes ------------------------------------------------------------------------
+
+    /// Whether `node`'s agent is connected now.
+    pub fn connected(&self, node: &NodeId) -> bool {
+        self.inner.links.contains_key(node)
+    }
+
+    /// `POST /v1/nodes/{id}/cordon`.
+    pub fn cordon(&self, node: &NodeId) -> Result<(), ServiceError> {
+        self.state().engine.cordon(node).map_err(node_error)
+    }
+
+    /// `POST /v1/nodes/{id}/uncordon`.
+    pub fn uncordon(&self, node: &NodeId) -> Result<(), ServiceError> {
+        let r = self
+            .state()
+            .engine
+            .uncordon(node, Timestamp::now())
+            .map_err(node_error);
+        self.inner.wake.notify_one();
+        r
+    }
+
+    /// `POST /v1/nodes/{id}/drain`: no new sessions; running ones end at `deadline`.
+    pub async fn drain(&self, node: &NodeId, deadline: Timestamp) -> Result<(), ServiceError> {
+        self.state()
+            .engine
+            .drain(node, deadline)
+            .map_err(node_error)?;
+        self.send(
+            node,
+            Message::Drain(framecast_shared::protocol::Drain { deadline }),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Runs the engine's timers and turns its events into effects; the driver calls this.
+    pub(crate) async fn tick(&self, now: Timestamp) {
+        let events: Vec<EngineEvent> = {
+            let mut st = self.state();
+            st.engine.expire(now);
+            std::iter::from_fn(|| st.engine.poll_event()).collect()
+        };
+        for event in events {
+            self.on_event(event).await;
+        }
+    }
+
+    async fn on_event(&self, event: EngineEvent) {
+        match event {
+            EngineEvent::Ended {
+                session_id, reason, ..
+            } => {
+                let entry = self.state().sessions.remove(&session_id);
+                // A lost node cannot hear it; any other is told, so it frees the slot.
+                let tell = reason != EndReason::NodeLost;
+                self.finish(&session_id, entry, reason, tell, Timestamp::now())
+                    .await;
+            }
+            EngineEvent::Placed(p) => {
+                let record = self
+                    .state()
+                    .sessions
+                    .get(&p.session_id)
+                    .map(|e| e.record.clone());
+                let Some(record) = record else {
+                    // Placed for a request nobody tracks any more: give the slot back.
+                    let _ = self.state().engine.release(
+                        &p.session_id,
+                        EndReason::Released,
+                        Timestamp::now(),
+                    );
+                    return;
+                };
+                let this = self.clone();
+                tokio::spawn(async move {
+                    match this.reserve_on_agent(&record, &p).await {
+                        Ok(entry) => {
+                            let view = this.view_of(&entry);
+                            let store = this.inner.store.clone();
+                            let rec = entry.record.clone();
+                            let _ =
+                                tokio::task::spawn_blocking(move || store.put_session(&rec)).await;
+                            this.state().sessions.insert(p.session_id, entry);
+                            this.publish(record.tenant.clone(), view);
+                        }
+                        Err(why) => {
+                            tracing::warn!(session_id = %p.session_id, %why, "a session placed from the queue was refused by its agent");
+                            this.end(&p.session_id, EndReason::Error, false).await;
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// A request's game, tier, genre and regions with RTTs.
+pub type Resolved = (GameId, TierName, GenreName, Vec<(RegionName, u32)>);
+
+/// Filters of `GET /v1/sessions`.
+#[derive(Debug, Clone, Default)]
+pub struct SessionFilter {
+    /// Only sessions in this state (`queued`, `reserved`, ...).
+    pub state: Option<String>,
+    /// Only this game.
+    pub game: Option<String>,
+    /// Only this tier.
+    pub tier: Option<String>,
+    /// Only on this node.
+    pub node: Option<String>,
+    /// Only sessions after this one (the previous page's last).
+    pub after: Option<SessionId>,
+    /// At most this many.
+    pub limit: usize,
+}
+
+fn place_request(record: &StoredSession, queue: bool) -> PlaceRequest {
+    PlaceRequest {
+        session_id: record.session_id,
+        tenant: record.tenant.clone(),
+        game: record.game.clone(),
+        tier: record.tier.clone(),
+        genre: record.genre.clone(),
+        priority: parse_priority(Some(&record.priority)).unwrap_or(Priority::Normal),
+        regions: record
+            .regions
+            .iter()
+            .map(|(region, rtt_ms)| RegionRtt {
+                region: region.clone(),
+                rtt_ms: *rtt_ms,
+            })
+            .collect(),
+        fallbacks: Vec::new(),
+        queue,
+    }
+}
+
+fn parse_priority(p: Option<&str>) -> Result<Priority, ServiceError> {
+    match p {
+        None | Some("normal") => Ok(Priority::Normal),
+        Some("low") => Ok(Priority::Low),
+        Some("high") => Ok(Priority::High),
+        Some(other) => Err(ServiceError::Unprocessable {
+            field: "priority",
+            detail: format!("priority {other:?} is not low, normal or high"),
+        }),
+    }
+}
+
+fn parse_fallbacks(f: &[String]) -> Result<Vec<Fallback>, ServiceError> {
+    f.iter()
+        .map(|s| match s.as_str() {
+            "next-region" => Ok(Fallback::NextRegion),
+            "tier-up" => Ok(Fallback::TierUp),
+            other => Err(ServiceError::Unprocessable {
+                field: "fallbacks",
+                detail: format!("fallback {other:?} is not next-region or tier-up"),
+            }),
+        })
+        .collect()
+}
+
+fn rejection(reason: RejectReason) -> ServiceError {
+    match reason {
+        RejectReason::UnknownTier => ServiceError::Unprocessable {
+            field: "tier",
+            detail: "the tier is not configured".into(),
+        },
+        RejectReason::UnknownGenre => ServiceError::Unprocessable {
+            field: "genre",
+            detail: "the genre is not configured".into(),
+        },
+        RejectReason::NoRegion => ServiceError::Unprocessable {
+            field: "regions",
+            detail: "no region in the request has GPU nodes".into(),
+        },
+        RejectReason::RttTooHigh => ServiceError::Unprocessable {
+            field: "regions",
+            detail: "every region is beyond the genre's round-trip-time cap".into(),
+        },
+        RejectReason::NoCapacity => ServiceError::Unavailable {
+            detail: "no GPU slot is free and the request asked not to queue".into(),
+            retry_after_s: Some(10),
+        },
+        RejectReason::DuplicateSession => {
+            ServiceError::Conflict("a session with this id exists".into())
+        }
+    }
+}
+
+fn node_error(e: crate::placement::EngineError) -> ServiceError {
+    match e {
+        crate::placement::EngineError::UnknownNode(n) => {
+            ServiceError::NotFound(format!("no node {n}"))
+        }
+        other => ServiceError::Conflict(other.to_string()),
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ServiceError {
+    ServiceError::Internal(e.to_string())
+}
