@@ -33,6 +33,8 @@ pub struct DevOptions {
     pub data_dir: Option<PathBuf>,
     /// The development API key.
     pub api_key: String,
+    /// Changes to the broker's configuration (tests shorten timers with it).
+    pub tune: Option<fn(&mut BrokerConfig)>,
 }
 
 impl Default for DevOptions {
@@ -43,6 +45,7 @@ impl Default for DevOptions {
             http: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: None,
             api_key: "dev-key".into(),
+            tune: None,
         }
     }
 }
@@ -54,20 +57,41 @@ pub struct Dev {
     pub broker: Running,
     /// The development API key.
     pub api_key: String,
-    agents: Vec<JoinHandle<anyhow::Result<()>>>,
-    agents_stop: watch::Sender<bool>,
+    agents: Vec<DevAgent>,
     /// Keeps the temp dir alive while the deployment runs.
     _temp: Option<tempfile::TempDir>,
+}
+
+/// One in-process agent.
+#[derive(Debug)]
+struct DevAgent {
+    node: NodeId,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl Dev {
     /// Stops the agents, then the broker.
     pub async fn stop(self) {
-        let _ = self.agents_stop.send(true);
         for a in self.agents {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), a).await;
+            let _ = a.stop.send(true);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), a.task).await;
         }
         self.broker.stop().await;
+    }
+
+    /// The simulated nodes.
+    pub fn nodes(&self) -> Vec<NodeId> {
+        self.agents.iter().map(|a| a.node.clone()).collect()
+    }
+
+    /// Stops one agent as if its host went away, and waits for it to end.
+    pub async fn stop_agent(&mut self, node: &NodeId) {
+        if let Some(i) = self.agents.iter().position(|a| &a.node == node) {
+            let a = self.agents.remove(i);
+            let _ = a.stop.send(true);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), a.task).await;
+        }
     }
 }
 
@@ -126,7 +150,10 @@ pub async fn start_dev(options: DevOptions) -> anyhow::Result<Dev> {
         &broker_cert.key_pem,
     )?;
     let signer = TokenSigner::load_or_create(&root.join("token.key"))?;
-    let config = broker_config(&options, &root)?;
+    let mut config = broker_config(&options, &root)?;
+    if let Some(tune) = options.tune {
+        tune(&mut config);
+    }
     let broker = start(config, Arc::new(server_tls), signer).await?;
 
     let pki = root.join("pki");
@@ -134,7 +161,6 @@ pub async fn start_dev(options: DevOptions) -> anyhow::Result<Dev> {
     write(&pki.join("ca.pem"), &ca.cert.cert_pem)?;
     let gpus = root.join("gpus.toml");
     write(&gpus, &options.gpus_toml)?;
-    let (agents_stop, stop_rx) = watch::channel(false);
     let mut agents = Vec::new();
     for i in 1..=options.nodes {
         let name = format!("dev-node-{i}");
@@ -161,16 +187,20 @@ pub async fn start_dev(options: DevOptions) -> anyhow::Result<Dev> {
         agent.vgpu.backend = VgpuBackendKind::Simulated;
         agent.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         agent.whep.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        let stop = stop_rx.clone();
-        agents.push(tokio::spawn(async move {
-            framecast_agent::run::run_until(agent, None, stop).await
-        }));
+        let (stop, stop_rx) = watch::channel(false);
+        let node = NodeId::new(&name)?;
+        agents.push(DevAgent {
+            node,
+            stop,
+            task: tokio::spawn(async move {
+                framecast_agent::run::run_until(agent, None, stop_rx).await
+            }),
+        });
     }
     Ok(Dev {
         broker,
         api_key: options.api_key,
         agents,
-        agents_stop,
         _temp: temp,
     })
 }

@@ -141,6 +141,7 @@ fn main() -> ExitCode {
                 http,
                 data_dir,
                 api_key,
+                tune: None,
             };
             finish(runtime().and_then(|rt| rt.block_on(dev(options))))
         }

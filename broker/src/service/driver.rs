@@ -80,17 +80,23 @@ async fn orphans(broker: &Broker) {
     if broker.inner.started.elapsed() < grace {
         return;
     }
-    let lost: Vec<_> = {
-        let st = broker.state();
-        st.sessions
+    let (lost, unplaceable) = {
+        let mut st = broker.state();
+        let lost: Vec<_> = st
+            .sessions
             .values()
             .filter(|e| e.record.state != SessionState::Queued)
             .filter(|e| st.engine.session_state(&e.record.session_id).is_none())
             .map(|e| e.record.session_id)
-            .collect()
+            .collect();
+        (lost, std::mem::take(&mut st.requeue))
     };
     for id in lost {
         tracing::warn!(session_id = %id, "no agent reported this session since the broker started");
         broker.end(&id, EndReason::NodeLost, false).await;
+    }
+    for id in unplaceable {
+        tracing::warn!(session_id = %id, "a queued session from before the restart names no region with nodes");
+        broker.end(&id, EndReason::Expired, false).await;
     }
 }

@@ -148,6 +148,11 @@ struct State {
     engine: Engine,
     sessions: BTreeMap<SessionId, Entry>,
     limits: RateLimits,
+    /// Queued sessions from before a restart that the engine could not queue yet (no agent
+    /// had said hello, so it knew no region); tried again every tick.
+    requeue: Vec<SessionId>,
+    /// Placements made outside a request (a requeue) waiting to be reserved on their agents.
+    engine_placed: Vec<Placement>,
 }
 
 /// Everything the service shares between its tasks.
@@ -223,6 +228,8 @@ impl Broker {
                     engine,
                     sessions: BTreeMap::new(),
                     limits: RateLimits::default(),
+                    requeue: Vec::new(),
+                    engine_placed: Vec::new(),
                 }),
                 links: DashMap::new(),
                 seen: DashMap::new(),
@@ -289,17 +296,10 @@ impl Broker {
             .store
             .sessions()
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
-        let now = Timestamp::now();
         let mut st = self.state();
         for record in stored {
             if record.state == SessionState::Queued {
-                let req = place_request(&record, true);
-                match st.engine.place(req, now) {
-                    Decision::Queued(_) | Decision::Placed(_) => {}
-                    Decision::Rejected { reason } => {
-                        tracing::warn!(session_id = %record.session_id, ?reason, "a queued session from before the restart cannot queue again");
-                    }
-                }
+                st.requeue.push(record.session_id);
             }
             st.sessions.insert(
                 record.session_id,
@@ -470,10 +470,7 @@ impl Broker {
     }
 
     /// The game, tier, genre and regions a request names, checked against the configuration.
-    pub fn resolve(
-        &self,
-        body: &CreateSession,
-    ) -> Result<Resolved, ServiceError> {
+    pub fn resolve(&self, body: &CreateSession) -> Result<Resolved, ServiceError> {
         let (game, tier, genre) = self.validate(body)?;
         Ok((game, tier, genre, self.regions(body)?))
     }
@@ -934,8 +931,28 @@ impl Broker {
     pub(crate) async fn tick(&self, now: Timestamp) {
         let events: Vec<EngineEvent> = {
             let mut st = self.state();
+            let st = &mut *st;
+            // Queued sessions from before a restart join the queue again, in their order, once
+            // the engine knows a region they name.
+            let waiting = std::mem::take(&mut st.requeue);
+            for id in waiting {
+                let Some(record) = st.sessions.get(&id).map(|e| e.record.clone()) else {
+                    continue;
+                };
+                match st.engine.place(place_request(&record, true), now) {
+                    Decision::Queued(_) => {}
+                    Decision::Placed(p) => st.engine_placed.push(p),
+                    Decision::Rejected { .. } => st.requeue.push(id),
+                }
+            }
             st.engine.expire(now);
-            std::iter::from_fn(|| st.engine.poll_event()).collect()
+            let mut events: Vec<EngineEvent> = st
+                .engine_placed
+                .drain(..)
+                .map(EngineEvent::Placed)
+                .collect();
+            events.extend(std::iter::from_fn(|| st.engine.poll_event()));
+            events
         };
         for event in events {
             self.on_event(event).await;

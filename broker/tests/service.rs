@@ -1,0 +1,613 @@
+//! The broker service end to end: a real broker and in-process agents on simulated GPUs, over
+//! real HTTP and real QUIC with mutual TLS on loopback. Timeouts only bound how long a broken
+//! build hangs; no test asserts on timing.
+
+// In a test, a failed unwrap is a failed test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod http;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::time::timeout;
+
+use framecast_broker::dev::{Dev, DevOptions, start_dev};
+use framecast_shared::config::BrokerConfig;
+use framecast_shared::ids::{NodeId, SessionId};
+use framecast_shared::time::Timestamp;
+use framecast_shared::token::TokenVerifier;
+
+use http::{Response, events, request};
+
+const LIMIT: Duration = Duration::from_secs(30);
+const KEY: &str = "dev-key";
+
+async fn dev_with(nodes: usize, gpus: u32, tune: Option<fn(&mut BrokerConfig)>) -> Dev {
+    let dev = start_dev(DevOptions {
+        nodes,
+        gpus_toml: format!("[[gpus]]\nmodel = \"l4\"\ncount = {gpus}\n"),
+        http: SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir: None,
+        api_key: KEY.into(),
+        tune,
+    })
+    .await
+    .unwrap();
+    // The agents connect in the background; wait until the broker knows them.
+    let addr = dev.broker.http;
+    timeout(LIMIT, async {
+        loop {
+            let r = get(addr, "/v1/nodes").await;
+            if r.status == 200
+                && r.json()
+                    .as_array()
+                    .is_some_and(|n| n.len() == nodes && n.iter().all(|n| n["connected"] == true))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the agents connect");
+    dev
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Response {
+    request(
+        addr,
+        "GET",
+        path,
+        &[("authorization", &format!("Bearer {KEY}"))],
+        b"",
+    )
+    .await
+}
+
+async fn post(addr: SocketAddr, path: &str, body: &str, extra: &[(&str, &str)]) -> Response {
+    let auth = format!("Bearer {KEY}");
+    let mut headers = vec![
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    headers.extend_from_slice(extra);
+    request(addr, "POST", path, &headers, body.as_bytes()).await
+}
+
+async fn delete(addr: SocketAddr, path: &str) -> Response {
+    request(
+        addr,
+        "DELETE",
+        path,
+        &[("authorization", &format!("Bearer {KEY}"))],
+        b"",
+    )
+    .await
+}
+
+fn session(game: &str, tier: &str, player: &str) -> String {
+    format!(r#"{{"game":"{game}","tier":"{tier}","player_id":"{player}"}}"#)
+}
+
+fn assert_problem(r: &Response, status: u16) -> serde_json::Value {
+    assert_eq!(r.status, status, "{}", r.body);
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/problem+json"),
+        "{r:?}"
+    );
+    let p = r.json();
+    assert_eq!(p["status"], status);
+    assert!(p["type"].as_str().unwrap().starts_with("https://"));
+    assert!(!p["detail"].as_str().unwrap().is_empty());
+    p
+}
+
+#[tokio::test]
+async fn a_session_is_reserved_on_an_agent_with_a_token_it_can_verify() {
+    let dev = dev_with(2, 2, None).await;
+    let addr = dev.broker.http;
+    let r = post(
+        addr,
+        "/v1/sessions",
+        &session("arena-shooter", "1080p", "p1"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let s = r.json();
+    assert_eq!(s["state"], "reserved");
+    assert_eq!(s["tier"], "1080p");
+    assert_eq!(
+        r.header("location"),
+        Some(format!("/v1/sessions/{}", s["session_id"].as_str().unwrap()).as_str())
+    );
+    let node = NodeId::new(s["node_id"].as_str().unwrap()).unwrap();
+    assert!(dev.nodes().contains(&node));
+    assert!(s["whep_url"].as_str().unwrap().ends_with(&format!(
+        "/whep/sessions/{}",
+        s["session_id"].as_str().unwrap()
+    )));
+    // The token verifies offline with the key agents get in their welcome, for that node only.
+    let verifier = TokenVerifier::new(&dev.broker.broker.token_public_key()).unwrap();
+    let claims = verifier
+        .verify(s["token"].as_str().unwrap(), &node, Timestamp::now())
+        .unwrap();
+    assert_eq!(claims.session_id.to_string(), s["session_id"]);
+    let other = dev.nodes().into_iter().find(|n| n != &node).unwrap();
+    assert!(
+        verifier
+            .verify(s["token"].as_str().unwrap(), &other, Timestamp::now())
+            .is_err()
+    );
+    // It is listed, shown, and its slot is counted in the pools.
+    let id = s["session_id"].as_str().unwrap();
+    let one = get(addr, &format!("/v1/sessions/{id}")).await;
+    assert_eq!(one.status, 200);
+    assert_eq!(one.json()["node_id"], s["node_id"]);
+    let list = get(addr, "/v1/sessions?state=reserved").await;
+    assert_eq!(list.json()["sessions"].as_array().unwrap().len(), 1);
+    let pools = get(addr, "/v1/pools").await.json();
+    let p1080 = pools
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["tier"] == "1080p")
+        .unwrap()
+        .clone();
+    assert_eq!(p1080["reserved"], 1);
+    // Deleting it frees the slot and writes an audit record.
+    assert_eq!(
+        delete(addr, &format!("/v1/sessions/{id}")).await.status,
+        204
+    );
+    let ended = get(addr, &format!("/v1/sessions/{id}")).await.json();
+    assert_eq!(ended["state"], "ended");
+    assert_eq!(ended["end_reason"], "released");
+    assert_problem(&delete(addr, &format!("/v1/sessions/{id}")).await, 404);
+    dev.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_problem_documents() {
+    let dev = dev_with(1, 1, None).await;
+    let addr = dev.broker.http;
+    let body = session("arena-shooter", "1080p", "p1");
+    // 401: no key, a bad key.
+    let r = request(addr, "POST", "/v1/sessions", &[], body.as_bytes()).await;
+    assert_problem(&r, 401);
+    assert!(r.header("www-authenticate").is_some());
+    let r = request(
+        addr,
+        "GET",
+        "/v1/sessions",
+        &[("authorization", "Bearer wrong")],
+        b"",
+    )
+    .await;
+    assert_problem(&r, 401);
+    // 400: not JSON, unknown field, missing field.
+    assert_problem(&post(addr, "/v1/sessions", "{", &[]).await, 400);
+    assert_problem(
+        &post(
+            addr,
+            "/v1/sessions",
+            r#"{"game":"arena-shooter","tier":"1080p","player_id":"p","color":"red"}"#,
+            &[],
+        )
+        .await,
+        400,
+    );
+    assert_problem(
+        &post(addr, "/v1/sessions", r#"{"game":"x"}"#, &[]).await,
+        400,
+    );
+    // 413: larger than http.max_body_bytes.
+    let huge = format!(
+        r#"{{"game":"arena-shooter","tier":"1080p","player_id":"{}"}}"#,
+        "p".repeat(100_000)
+    );
+    assert_problem(&post(addr, "/v1/sessions", &huge, &[]).await, 413);
+    // 422: unknown game, tier, genre, priority.
+    for (body, field) in [
+        (session("chess", "1080p", "p"), "game"),
+        (session("arena-shooter", "8k", "p"), "tier"),
+        (
+            r#"{"game":"arena-shooter","tier":"1080p","player_id":"p","genre":"racing"}"#.into(),
+            "genre",
+        ),
+        (
+            r#"{"game":"arena-shooter","tier":"1080p","player_id":"p","priority":"urgent"}"#.into(),
+            "priority",
+        ),
+    ] {
+        let p = assert_problem(&post(addr, "/v1/sessions", &body, &[]).await, 422);
+        assert_eq!(p["field"], field);
+    }
+    // 404: unknown session, unknown route.
+    let id = SessionId::new(Timestamp::now(), 7);
+    assert_problem(&get(addr, &format!("/v1/sessions/{id}")).await, 404);
+    assert_problem(&get(addr, "/v1/sessions/not-an-id").await, 404);
+    assert_problem(&get(addr, "/v2/everything").await, 404);
+    dev.stop().await;
+}
+
+#[tokio::test]
+async fn a_retry_with_the_same_idempotency_key_returns_the_same_session() {
+    let dev = dev_with(1, 1, None).await;
+    let addr = dev.broker.http;
+    let body = session("open-world", "720p", "p1");
+    let key = [("idempotency-key", "order-1")];
+    let first = post(addr, "/v1/sessions", &body, &key).await;
+    assert_eq!(first.status, 201, "{}", first.body);
+    let again = post(addr, "/v1/sessions", &body, &key).await;
+    assert_eq!(again.status, 201);
+    assert_eq!(again.json()["session_id"], first.json()["session_id"]);
+    assert_eq!(
+        get(addr, "/v1/sessions").await.json()["sessions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "one session, not two"
+    );
+    let other = session("open-world", "720p", "p2");
+    assert_problem(&post(addr, "/v1/sessions", &other, &key).await, 409);
+    dev.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_fleet_queues_or_refuses_and_a_queued_player_hears_when_placed() {
+    // One node, one L4: three 4K sessions fill it.
+    let dev = dev_with(1, 1, None).await;
+    let addr = dev.broker.http;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let r = post(
+            addr,
+            "/v1/sessions",
+            &session("open-world", "4k", &format!("p{i}")),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        ids.push(r.json()["session_id"].as_str().unwrap().to_owned());
+    }
+    let no_queue = r#"{"game":"open-world","tier":"4k","player_id":"p9","queue":false}"#;
+    let p = assert_problem(&post(addr, "/v1/sessions", no_queue, &[]).await, 503);
+    assert!(p["retry_after"].is_number());
+    let queued = post(
+        addr,
+        "/v1/sessions",
+        &session("open-world", "4k", "p10"),
+        &[],
+    )
+    .await;
+    assert_eq!(queued.status, 202, "{}", queued.body);
+    let q = queued.json();
+    assert_eq!(q["state"], "queued");
+    assert_eq!(q["queue_position"], 0);
+    let qid = q["session_id"].as_str().unwrap().to_owned();
+    let mut stream = events(addr, &format!("/v1/sessions/{qid}/events"), KEY).await;
+    assert_eq!(stream.next().await["state"], "queued");
+    // A slot frees: the queued player is placed and hears it.
+    assert_eq!(
+        delete(addr, &format!("/v1/sessions/{}", ids[0]))
+            .await
+            .status,
+        204
+    );
+    let placed = timeout(LIMIT, stream.next()).await.unwrap();
+    assert_eq!(placed["state"], "reserved", "{placed}");
+    assert!(placed["token"].is_string());
+    dev.stop().await;
+}
+
+#[tokio::test]
+async fn operators_cordon_and_drain_nodes_and_others_may_not() {
+    let dev = dev_with(2, 1, None).await;
+    let addr = dev.broker.http;
+    let nodes = dev.nodes();
+    let (a, b) = (nodes[0].to_string(), nodes[1].to_string());
+    assert_eq!(
+        post(addr, &format!("/v1/nodes/{a}/cordon"), "", &[])
+            .await
+            .status,
+        204
+    );
+    for i in 0..2 {
+        let r = post(
+            addr,
+            "/v1/sessions",
+            &session("open-world", "720p", &format!("p{i}")),
+            &[],
+        )
+        .await;
+        assert_eq!(
+            r.json()["node_id"],
+            b.as_str(),
+            "the cordoned node gets nothing"
+        );
+    }
+    assert_eq!(
+        post(addr, &format!("/v1/nodes/{a}/uncordon"), "", &[])
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        post(
+            addr,
+            &format!("/v1/nodes/{b}/drain"),
+            r#"{"deadline_s":600}"#,
+            &[]
+        )
+        .await
+        .status,
+        204
+    );
+    let listed = get(addr, "/v1/nodes").await.json();
+    let drained = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node_id"] == b.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(drained["state"], "draining");
+    let r = post(
+        addr,
+        "/v1/sessions",
+        &session("open-world", "720p", "p3"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.json()["node_id"], a.as_str());
+    assert_problem(&post(addr, "/v1/nodes/nowhere/cordon", "", &[]).await, 404);
+    // The explain endpoint shows where a request would go, without reserving. (A's L4 now
+    // holds 720p slots, so 720p is what fits there.)
+    let explained = post(
+        addr,
+        "/v1/placement/explain",
+        &session("arena-shooter", "720p", "px"),
+        &[],
+    )
+    .await;
+    assert_eq!(explained.status, 200, "{}", explained.body);
+    let e = explained.json();
+    assert_eq!(e["decision"]["decision"], "placed");
+    assert_eq!(e["decision"]["node"], a.as_str());
+    assert!(
+        !e["attempts"][0]["candidates"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let pools = get(addr, "/v1/pools").await.json();
+    let reserved: u64 = pools
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["reserved"].as_u64().unwrap())
+        .sum();
+    assert_eq!(reserved, 3, "explain reserved nothing");
+    dev.stop().await;
+}
+
+#[tokio::test]
+async fn the_openapi_document_and_metrics_describe_the_service() {
+    let dev = dev_with(1, 1, None).await;
+    let addr = dev.broker.http;
+    let doc = get(addr, "/openapi.json").await.json();
+    for path in [
+        "/v1/sessions",
+        "/v1/sessions/{id}",
+        "/v1/sessions/{id}/events",
+        "/v1/nodes",
+        "/v1/nodes/{id}/drain",
+        "/v1/pools",
+        "/v1/placement/explain",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} missing");
+    }
+    assert!(doc["components"]["schemas"]["Problem"].is_object());
+    post(
+        addr,
+        "/v1/sessions",
+        &session("open-world", "720p", "p"),
+        &[],
+    )
+    .await;
+    let metrics = request(addr, "GET", "/metrics", &[], b"").await;
+    assert_eq!(metrics.status, 200);
+    for name in framecast_broker::metrics::NAMES {
+        if name == framecast_broker::metrics::SESSIONS_ENDED {
+            continue; // nothing ended yet
+        }
+        assert!(metrics.body.contains(name), "{name} missing");
+    }
+    assert_eq!(request(addr, "GET", "/livez", &[], b"").await.status, 200);
+    assert_eq!(request(addr, "GET", "/readyz", &[], b"").await.status, 200);
+    dev.stop().await;
+}
+
+fn fast_liveness(c: &mut BrokerConfig) {
+    c.control.heartbeat_interval_ms = 100;
+    c.control.suspect_after_ms = 300;
+    c.control.down_after_ms = 600;
+    c.control.node_lost_grace_ms = 300;
+}
+
+#[tokio::test]
+async fn sessions_on_a_lost_node_end_with_node_lost() {
+    let mut dev = dev_with(2, 1, Some(fast_liveness)).await;
+    let addr = dev.broker.http;
+    let r = post(
+        addr,
+        "/v1/sessions",
+        &session("open-world", "720p", "p1"),
+        &[],
+    )
+    .await;
+    let s = r.json();
+    let node = NodeId::new(s["node_id"].as_str().unwrap()).unwrap();
+    let id = s["session_id"].as_str().unwrap().to_owned();
+    let mut stream = events(addr, &format!("/v1/sessions/{id}/events"), KEY).await;
+    assert_eq!(stream.next().await["state"], "reserved");
+    dev.stop_agent(&node).await;
+    let ended = timeout(LIMIT, stream.next()).await.unwrap();
+    assert_eq!(ended["state"], "ended");
+    assert_eq!(ended["end_reason"], "node-lost");
+    let nodes = get(addr, "/v1/nodes").await.json();
+    let lost = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node_id"] == node.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(lost["state"], "down");
+    // New sessions go to the node that is left.
+    let r = post(
+        addr,
+        "/v1/sessions",
+        &session("open-world", "720p", "p2"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 201);
+    assert_ne!(r.json()["node_id"], node.as_str());
+    dev.stop().await;
+}
+
+fn one_request_per_minute(c: &mut BrokerConfig) {
+    c.tenants[0].requests_per_minute = Some(1);
+    c.tenants[0].max_sessions = Some(5);
+}
+
+#[tokio::test]
+async fn a_tenant_over_its_rate_gets_429_with_retry_after() {
+    let dev = dev_with(1, 1, Some(one_request_per_minute)).await;
+    let addr = dev.broker.http;
+    let body = session("open-world", "720p", "p");
+    assert_eq!(post(addr, "/v1/sessions", &body, &[]).await.status, 201);
+    let r = post(addr, "/v1/sessions", &body, &[]).await;
+    assert_problem(&r, 429);
+    assert!(r.header("retry-after").unwrap().parse::<u32>().unwrap() >= 1);
+    dev.stop().await;
+}
+
+fn with_platform_tenant(c: &mut BrokerConfig) {
+    use framecast_broker::service::tenants::{hex, sha256};
+    c.tenants
+        .push(framecast_shared::config::broker::TenantConfig {
+            id: framecast_shared::ids::TenantId::new("platform").unwrap(),
+            api_key_sha256: hex(&sha256(b"platform-key")),
+            max_sessions: None,
+            admin: false,
+            requests_per_minute: None,
+        });
+}
+
+#[tokio::test]
+async fn tenants_see_only_their_sessions_and_only_operators_touch_nodes() {
+    let dev = dev_with(1, 1, Some(with_platform_tenant)).await;
+    let addr = dev.broker.http;
+    let theirs = [("authorization", "Bearer platform-key")];
+    let r = request(addr, "GET", "/v1/nodes", &theirs, b"").await;
+    assert_problem(&r, 403);
+    let node = dev.nodes()[0].to_string();
+    let r = request(
+        addr,
+        "POST",
+        &format!("/v1/nodes/{node}/drain"),
+        &theirs,
+        b"",
+    )
+    .await;
+    assert_problem(&r, 403);
+    let mine = post(
+        addr,
+        "/v1/sessions",
+        &session("open-world", "720p", "p"),
+        &[],
+    )
+    .await;
+    let id = mine.json()["session_id"].as_str().unwrap().to_owned();
+    let r = request(addr, "GET", &format!("/v1/sessions/{id}"), &theirs, b"").await;
+    assert_problem(&r, 404);
+    let r = request(addr, "DELETE", &format!("/v1/sessions/{id}"), &theirs, b"").await;
+    assert_problem(&r, 404);
+    let r = request(addr, "GET", "/v1/sessions", &theirs, b"").await;
+    assert_eq!(r.json()["sessions"].as_array().unwrap().len(), 0);
+    dev.stop().await;
+}
+
+#[tokio::test]
+async fn after_a_restart_the_broker_finds_its_sessions_and_idempotency_keys_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = || DevOptions {
+        nodes: 1,
+        gpus_toml: "[[gpus]]\nmodel = \"l4\"\ncount = 1\n".into(),
+        http: SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir: Some(dir.path().to_owned()),
+        api_key: KEY.into(),
+        tune: None,
+    };
+    let dev = start_dev(options()).await.unwrap();
+    let addr = dev.broker.http;
+    timeout(LIMIT, async {
+        while get(addr, "/v1/nodes")
+            .await
+            .json()
+            .as_array()
+            .is_none_or(|n| n.is_empty())
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    for i in 0..3 {
+        let r = post(
+            addr,
+            "/v1/sessions",
+            &session("open-world", "4k", &format!("p{i}")),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let body = session("open-world", "4k", "waiting");
+    let key = [("idempotency-key", "k-queued")];
+    let queued = post(addr, "/v1/sessions", &body, &key).await;
+    assert_eq!(queued.status, 202, "{}", queued.body);
+    let id = queued.json()["session_id"].clone();
+    dev.stop().await;
+
+    let dev = start_dev(options()).await.unwrap();
+    let addr = dev.broker.http;
+    let again = post(addr, "/v1/sessions", &body, &key).await;
+    assert_eq!(again.json()["session_id"], id, "the same session");
+    assert_eq!(again.json()["state"], "queued", "{}", again.body);
+    // The restarted agent runs none of the old sessions (the synthetic game lives in the
+    // agent), so its GPU is free and the queued session is placed once the agent is back.
+    let path = format!("/v1/sessions/{}", id.as_str().unwrap());
+    timeout(LIMIT, async {
+        while get(addr, &path).await.json()["state"] != "reserved" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the queued session is placed after the restart");
+    let again = post(addr, "/v1/sessions", &body, &key).await;
+    assert_eq!(again.status, 201, "{}", again.body);
+    assert_eq!(again.json()["session_id"], id);
+    dev.stop().await;
+}
