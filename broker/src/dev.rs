@@ -109,6 +109,7 @@ pub fn broker_config(options: &DevOptions, data_dir: &Path) -> anyhow::Result<Br
         api_key_sha256: hex(&sha256(options.api_key.as_bytes())),
         max_sessions: None,
         admin: true,
+        max_session_s: None,
         requests_per_minute: None,
     }];
     config.games = [

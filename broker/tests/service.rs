@@ -511,6 +511,7 @@ fn with_platform_tenant(c: &mut BrokerConfig) {
             api_key_sha256: hex(&sha256(b"platform-key")),
             max_sessions: None,
             admin: false,
+            max_session_s: None,
             requests_per_minute: None,
         });
 }

@@ -143,6 +143,10 @@ async fn connection(broker: Broker, conn: quinn::Connection) {
             return;
         }
     };
+    if let Err(why) = certificate_names(&conn, &hello.node_id) {
+        bye(&mut send, GoodbyeReason::Unauthorized, &why, max_frame).await;
+        return;
+    }
     if hello.region != broker.inner.config.region {
         let why = format!(
             "this broker serves region {}, the agent is in {}",
@@ -289,6 +293,29 @@ async fn admit(
     // The reconcile may have ended sessions the agent no longer runs.
     broker.inner.wake.notify_one();
     Ok(())
+}
+
+/// Checks that the agent's client certificate (already verified against the fleet's CA) was
+/// issued for the node the hello names, so one host's certificate cannot speak for another.
+fn certificate_names(
+    conn: &quinn::Connection,
+    node: &framecast_shared::ids::NodeId,
+) -> Result<(), String> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|id| {
+            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .ok_or("the agent presented no certificate")?;
+    let leaf = certs.first().ok_or("the agent presented no certificate")?;
+    let cert = webpki::EndEntityCert::try_from(leaf)
+        .map_err(|e| format!("the agent's certificate cannot be read: {e:?}"))?;
+    let name = rustls::pki_types::ServerName::try_from(node.as_str()).map_err(|_| {
+        format!("node id {node} is not a DNS name, so no certificate can be bound to it")
+    })?;
+    cert.verify_is_valid_for_subject_name(&name)
+        .map_err(|_| format!("the agent's certificate is not issued for node {node}"))
 }
 
 fn current(broker: &Broker, node: &framecast_shared::ids::NodeId, conn: u64) -> bool {

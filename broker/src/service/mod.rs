@@ -873,6 +873,12 @@ impl Broker {
         }
     }
 
+    /// The longest `record` may run: the shortest of the global limit, its tier's and its
+    /// tenant's.
+    pub fn max_length(&self, record: &StoredSession) -> Duration {
+        max_length(&self.inner.config, record)
+    }
+
     /// Live sessions per API state word.
     pub fn session_counts(&self) -> Vec<(&'static str, usize)> {
         let st = self.state();
@@ -929,6 +935,18 @@ impl Broker {
 
     /// Runs the engine's timers and turns its events into effects; the driver calls this.
     pub(crate) async fn tick(&self, now: Timestamp) {
+        let too_long = {
+            let st = self.state();
+            past_max_length(
+                &self.inner.config,
+                st.sessions.values().map(|e| &e.record),
+                now,
+            )
+        };
+        for id in too_long {
+            tracing::info!(session_id = %id, "session reached its maximum length");
+            self.end(&id, EndReason::MaxLength, true).await;
+        }
         let events: Vec<EngineEvent> = {
             let mut st = self.state();
             let st = &mut *st;
@@ -1028,6 +1046,37 @@ pub struct SessionFilter {
     pub limit: usize,
 }
 
+/// The longest `record` may run under `config`: the shortest of `timers.max_session_s`, its
+/// tier's `max_session_s` and its tenant's.
+pub fn max_length(config: &BrokerConfig, record: &StoredSession) -> Duration {
+    let tier = config.tiers.get(&record.tier).and_then(|t| t.max_session_s);
+    let tenant = config
+        .tenants
+        .iter()
+        .find(|t| t.id == record.tenant)
+        .and_then(|t| t.max_session_s);
+    let secs = [Some(config.timers.max_session_s), tier, tenant]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(config.timers.max_session_s);
+    Duration::from_secs(u64::from(secs))
+}
+
+/// Sessions in `sessions` that have run past their maximum length at `now`.
+fn past_max_length<'a>(
+    config: &BrokerConfig,
+    sessions: impl Iterator<Item = &'a StoredSession>,
+    now: Timestamp,
+) -> Vec<SessionId> {
+    sessions
+        .filter_map(|r| {
+            let since = r.placed_at?;
+            (now.saturating_since(since) >= max_length(config, r)).then_some(r.session_id)
+        })
+        .collect()
+}
+
 fn place_request(record: &StoredSession, queue: bool) -> PlaceRequest {
     PlaceRequest {
         session_id: record.session_id,
@@ -1113,4 +1162,65 @@ fn node_error(e: crate::placement::EngineError) -> ServiceError {
 
 fn internal(e: impl std::fmt::Display) -> ServiceError {
     ServiceError::Internal(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use framecast_shared::config::broker::TenantConfig;
+    use framecast_shared::ids::TenantId;
+
+    use super::*;
+
+    fn record(tier: &str, tenant: &str, placed_s: Option<u64>) -> StoredSession {
+        StoredSession {
+            session_id: SessionId::new(Timestamp::from_millis(1), placed_s.unwrap_or(0).into()),
+            tenant: TenantId::new(tenant).unwrap(),
+            game: GameId::new("g").unwrap(),
+            tier: TierName::new(tier).unwrap(),
+            genre: GenreName::new("fps").unwrap(),
+            player_id: "p".into(),
+            priority: "normal".into(),
+            regions: Vec::new(),
+            state: SessionState::Active,
+            node: None,
+            gpu: None,
+            slot: None,
+            created_at: Timestamp::EPOCH,
+            placed_at: placed_s.map(|s| Timestamp::from_millis(s * 1000)),
+            active_at: None,
+            expires_at: None,
+            idempotency_key: None,
+            framebuffer_mb: 2048,
+            compute_sixteenths: 1,
+        }
+    }
+
+    #[test]
+    fn the_shortest_of_the_global_tier_and_tenant_limits_applies() {
+        let mut config = BrokerConfig::default();
+        config.timers.max_session_s = 3600;
+        if let Some(t) = config.tiers.get_mut(&TierName::new("4k").unwrap()) {
+            t.max_session_s = Some(1800);
+        }
+        config.tenants.push(TenantConfig {
+            id: TenantId::new("trial").unwrap(),
+            api_key_sha256: "0".repeat(64),
+            max_sessions: None,
+            admin: false,
+            max_session_s: Some(600),
+            requests_per_minute: None,
+        });
+        let secs = |r: &StoredSession| max_length(&config, r).as_secs();
+        assert_eq!(secs(&record("720p", "acme", None)), 3600);
+        assert_eq!(secs(&record("4k", "acme", None)), 1800);
+        assert_eq!(secs(&record("4k", "trial", None)), 600);
+        // Placed at 0 s, 100 s and never: at 1800 s only the first 4K one is over.
+        let rs = [
+            record("4k", "acme", Some(0)),
+            record("4k", "acme", Some(100)),
+            record("4k", "acme", None),
+        ];
+        let over = past_max_length(&config, rs.iter(), Timestamp::from_millis(1_800_000));
+        assert_eq!(over, vec![rs[0].session_id]);
+    }
 }

@@ -119,6 +119,7 @@ mod tests {
             max_sessions: None,
             requests_per_minute: rpm,
             admin: false,
+            max_session_s: None,
         }
     }
 

@@ -113,6 +113,10 @@ pub struct TierConfig {
     /// least one) when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_millicores: Option<u32>,
+    /// Sessions of this tier end with `max-length` after this long; `timers.max_session_s`
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_session_s: Option<u32>,
 }
 
 /// `[genres.<name>]`: one genre. See [`GenreProfile`].
@@ -156,6 +160,10 @@ pub struct TenantConfig {
     /// May operate the fleet: list, cordon, uncordon and drain nodes.
     #[serde(default)]
     pub admin: bool,
+    /// The tenant's sessions end with `max-length` after this long (the shortest of this, the
+    /// tier's and `timers.max_session_s` applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_session_s: Option<u32>,
     /// Most allocation requests per minute; unlimited when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_minute: Option<u32>,
@@ -212,6 +220,7 @@ impl From<TierPreset> for TierConfig {
             codecs: t.codecs,
             bitrate_kbps: t.bitrate_kbps,
             cpu_millicores: None,
+            max_session_s: None,
         }
     }
 }
