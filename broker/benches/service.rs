@@ -1,0 +1,2 @@
+//! Placeholder replaced by the service benchmark.
+fn main() {}
