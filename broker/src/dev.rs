@@ -17,7 +17,8 @@ use framecast_shared::ids::{GameId, GenreName, NodeId, TenantId};
 use framecast_shared::tls::{self, DevCa, Role};
 use framecast_shared::token::TokenSigner;
 
-use crate::run::{Running, start};
+use crate::api::RouterOptions;
+use crate::run::{Running, start_with};
 use crate::service::tenants::{hex, sha256};
 
 /// What `dev` runs.
@@ -40,7 +41,7 @@ pub struct DevOptions {
 impl Default for DevOptions {
     fn default() -> Self {
         Self {
-            nodes: 2,
+            nodes: 4,
             gpus_toml: "[[gpus]]\nmodel = \"l4\"\ncount = 2\n".into(),
             http: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: None,
@@ -155,7 +156,13 @@ pub async fn start_dev(options: DevOptions) -> anyhow::Result<Dev> {
     if let Some(tune) = options.tune {
         tune(&mut config);
     }
-    let broker = start(config, Arc::new(server_tls), signer).await?;
+    let broker = start_with(
+        config,
+        Arc::new(server_tls),
+        signer,
+        RouterOptions { status_page: true },
+    )
+    .await?;
 
     let pki = root.join("pki");
     std::fs::create_dir_all(&pki)?;

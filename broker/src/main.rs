@@ -42,7 +42,7 @@ enum Command {
     /// `dev-key`. For trying Framecast; not for production.
     Dev {
         /// Simulated nodes.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 4)]
         nodes: usize,
         /// NVIDIA L4s per node (or pass --gpus for another inventory).
         #[arg(long, default_value_t = 2)]
@@ -50,9 +50,9 @@ enum Command {
         /// A gpus.toml describing each node's simulated GPUs.
         #[arg(long, value_name = "FILE", conflicts_with = "gpus_per_node")]
         gpus: Option<PathBuf>,
-        /// Where the HTTP API listens.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        http: SocketAddr,
+        /// Where the HTTP API (and the status page at /) listens.
+        #[arg(long, alias = "http", default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
         /// Keep state here instead of a temp dir.
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
@@ -124,7 +124,7 @@ fn main() -> ExitCode {
             nodes,
             gpus_per_node,
             gpus,
-            http,
+            listen,
             data_dir,
             api_key,
         } => {
@@ -138,7 +138,7 @@ fn main() -> ExitCode {
             let options = DevOptions {
                 nodes,
                 gpus_toml,
-                http,
+                http: listen,
                 data_dir,
                 api_key,
                 tune: None,
@@ -224,7 +224,7 @@ async fn dev(options: DevOptions) -> anyhow::Result<()> {
     let http = dev.broker.http;
     say(&format!(
         "Framecast dev: a broker and simulated GPU nodes on loopback.\n\
-         \n  API      http://{http}/v1  (Authorization: Bearer {key})\n  \
+         \n  status   http://{http}/\n  API      http://{http}/v1  (Authorization: Bearer {key})\n  \
          OpenAPI  http://{http}/openapi.json\n  metrics  http://{http}/metrics\n\n\
          Try:\n  curl -s -H 'Authorization: Bearer {key}' -H 'content-type: application/json' \\\n    \
          -d '{{\"game\":\"arena-shooter\",\"tier\":\"1080p\",\"player_id\":\"p1\"}}' http://{http}/v1/sessions\n\n\

@@ -12,6 +12,7 @@ use framecast_shared::config::BrokerConfig;
 use framecast_shared::ops;
 use framecast_shared::token::TokenSigner;
 
+use crate::api::RouterOptions;
 use crate::service::control::ControlPlane;
 use crate::service::{Broker, driver};
 use crate::store::Store;
@@ -51,12 +52,114 @@ impl Running {
     }
 }
 
+impl Broker {
+    /// A broker to embed in the caller's tokio runtime: give it the configuration, the
+    /// control plane's TLS and the token key, then [`BrokerBuilder::build`] starts it.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use framecast_broker::service::Broker;
+    /// use framecast_shared::config::BrokerConfig;
+    /// use framecast_shared::tls::{DevCa, Role, server_config};
+    /// use framecast_shared::token::TokenSigner;
+    ///
+    /// # fn main() -> anyhow::Result<()> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let runtime = tokio::runtime::Runtime::new()?;
+    /// # runtime.block_on(async {
+    /// let mut config = BrokerConfig::default(); // or loaded from broker.toml
+    /// config.data_dir = dir.path().join("broker");
+    /// config.http.listen = "127.0.0.1:0".parse()?;
+    /// config.control.listen = "127.0.0.1:0".parse()?;
+    ///
+    /// // Production reads PEM files (`tls::read_files`); a dev CA works the same way.
+    /// let ca = DevCa::generate("example CA")?;
+    /// let cert = ca.issue("broker", &["localhost"], Role::Broker)?;
+    /// let tls = server_config(&ca.cert.cert_pem, &cert.cert_pem, &cert.key_pem)?;
+    ///
+    /// let running = Broker::builder(config)
+    ///     .tls(Arc::new(tls))
+    ///     .token_signer(TokenSigner::generate()?)
+    ///     .build()
+    ///     .await?;
+    /// println!("API on http://{}/v1, agents on {}", running.http, running.control);
+    /// // The platform may also call the service directly, e.g. for its pools:
+    /// let pools = running.broker.with_engine(|engine| engine.pool_views());
+    /// assert!(pools.is_empty(), "no agent has connected yet");
+    /// running.stop().await;
+    /// # Ok::<(), anyhow::Error>(())
+    /// # })
+    /// # }
+    /// ```
+    pub fn builder(config: BrokerConfig) -> BrokerBuilder {
+        BrokerBuilder {
+            config,
+            tls: None,
+            signer: None,
+            options: RouterOptions::default(),
+        }
+    }
+}
+
+/// Builds a running broker; see [`Broker::builder`].
+#[derive(Debug)]
+pub struct BrokerBuilder {
+    config: BrokerConfig,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    signer: Option<TokenSigner>,
+    options: RouterOptions,
+}
+
+impl BrokerBuilder {
+    /// The control plane's TLS: a server configuration that requires client certificates
+    /// (`framecast_shared::tls::server_config`).
+    pub fn tls(mut self, tls: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// The key session tokens are signed with; a fresh one when not given (tokens then do
+    /// not survive a restart).
+    pub fn token_signer(mut self, signer: TokenSigner) -> Self {
+        self.signer = Some(signer);
+        self
+    }
+
+    /// Serves the dev status page at `/`.
+    pub fn status_page(mut self, on: bool) -> Self {
+        self.options.status_page = on;
+        self
+    }
+
+    /// Starts the broker's tasks on the current tokio runtime.
+    pub async fn build(self) -> anyhow::Result<Running> {
+        let tls = self
+            .tls
+            .context("the control plane needs TLS: BrokerBuilder::tls")?;
+        let signer = match self.signer {
+            Some(s) => s,
+            None => TokenSigner::generate()?,
+        };
+        start_with(self.config, tls, signer, self.options).await
+    }
+}
+
 /// Starts a broker for `config`: opens the store in `config.data_dir`, binds the control
 /// plane with `tls` and the HTTP API, and signs session tokens with `signer`.
 pub async fn start(
     config: BrokerConfig,
     tls: Arc<rustls::ServerConfig>,
     signer: TokenSigner,
+) -> anyhow::Result<Running> {
+    start_with(config, tls, signer, RouterOptions::default()).await
+}
+
+/// [`start`] with optional parts of the HTTP router (dev mode's status page).
+pub async fn start_with(
+    config: BrokerConfig,
+    tls: Arc<rustls::ServerConfig>,
+    signer: TokenSigner,
+    options: RouterOptions,
 ) -> anyhow::Result<Running> {
     let store = Store::open(&config.data_dir).with_context(|| {
         format!(
@@ -73,7 +176,7 @@ pub async fn start(
     let broker = Broker::new(config, store, signer)?;
     let metrics = ops::recorder()?;
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let router = crate::api::router(broker.clone(), metrics);
+    let router = crate::api::router(broker.clone(), metrics, options);
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(
         control.serve(broker.clone(), shutdown_rx.clone()),

@@ -187,9 +187,10 @@ fn a_session_reported_reconnecting_times_out_after_the_grace_period() {
         SessionState::Reconnecting,
     ));
     assert_eq!(applied(e.reconcile(&h, at(1)).unwrap()), (1, 0, 0));
-    e.expire(at(30));
+    // The default grace is 120 s, counted from the report at 1 s.
+    e.expire(at(120));
     assert_eq!(e.session_state(&sid(1)), Some(SessionState::Reconnecting));
-    e.expire(at(31));
+    e.expire(at(121));
     assert_eq!(
         (e.session_state(&sid(1)), e.session_state(&sid(2))),
         (None, None)

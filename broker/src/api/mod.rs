@@ -8,6 +8,7 @@
 pub mod fleet;
 pub mod problem;
 pub mod sessions;
+mod status;
 
 use std::sync::Arc;
 
@@ -108,13 +109,20 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Optional parts of the router.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouterOptions {
+    /// Serve the dev status page at `/` (it shows the fleet without a key).
+    pub status_page: bool,
+}
+
 /// The whole router: `/v1`, `/openapi.json` and the operations endpoints.
-pub fn router(broker: Broker, metrics: ops::PrometheusHandle) -> Router {
+pub fn router(broker: Broker, metrics: ops::PrometheusHandle, options: RouterOptions) -> Router {
     let state = ApiState {
         broker: broker.clone(),
     };
     let max_body = usize::try_from(broker.config().http.max_body_bytes).unwrap_or(usize::MAX);
-    let v1 = Router::new()
+    let mut v1 = Router::new()
         .route("/v1/sessions", post(sessions::create).get(sessions::list))
         .route(
             "/v1/sessions/{id}",
@@ -126,7 +134,11 @@ pub fn router(broker: Broker, metrics: ops::PrometheusHandle) -> Router {
         .route("/v1/nodes/{id}/uncordon", post(fleet::uncordon))
         .route("/v1/nodes/{id}/drain", post(fleet::drain))
         .route("/v1/pools", get(fleet::pools))
-        .route("/v1/placement/explain", post(fleet::explain))
+        .route("/v1/placement/explain", post(fleet::explain));
+    if options.status_page {
+        v1 = v1.route("/", get(status::page));
+    }
+    let v1 = v1
         .route(
             "/openapi.json",
             get(|| async { axum::Json(ApiDoc::openapi()) }),

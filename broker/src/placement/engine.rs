@@ -55,7 +55,7 @@ impl Default for EngineConfig {
         Self {
             reservation_ttl: Duration::from_secs(60),
             queue_timeout: [Duration::from_secs(120); 3],
-            reconnect_grace: Duration::from_secs(30),
+            reconnect_grace: Duration::from_secs(120),
             node_lost_grace: Duration::from_secs(30),
             intent_grace: Duration::from_secs(10),
             rtt_relax_every: Duration::from_secs(60),

@@ -189,7 +189,7 @@ impl Default for BrokerConfig {
             },
             timers: TimersConfig {
                 reservation_ttl_s: 60,
-                reconnect_grace_s: 30,
+                reconnect_grace_s: 120,
                 idle_timeout_s: 600,
                 max_session_s: 4 * 3600,
                 queue_timeout_s: 120,
