@@ -28,6 +28,7 @@ use framecast_shared::protocol::{
 use framecast_shared::state::{EndReason, SessionState};
 use framecast_shared::tier::TierPreset;
 use framecast_shared::time::Timestamp;
+use framecast_shared::token::{Claims, TokenError, TokenVerifier};
 use framecast_shared::units::{EncoderUnits, Megabytes};
 
 use crate::encoder::{EncoderError, EncoderLease, EncoderSlots};
@@ -69,6 +70,20 @@ pub struct GpuGauges {
     pub framebuffer_used: Megabytes,
     /// Its encoder.
     pub encoder: crate::encoder::EncoderUsage,
+}
+
+/// Why a player's token was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenRefusal {
+    /// No broker has welcomed the agent yet, so it has no key to check with.
+    #[error("the node has no token key yet (no broker has welcomed it)")]
+    NoKey,
+    /// Forged, malformed, expired or for another node.
+    #[error(transparent)]
+    Invalid(TokenError),
+    /// A valid token for a session this node does not hold.
+    #[error("session {0} is not on this node")]
+    UnknownSession(SessionId),
 }
 
 /// How instances are supervised.
@@ -128,6 +143,8 @@ pub struct AgentCore {
     wake: Arc<Notify>,
     /// Where players reach this node's WHEP endpoint, for the hello.
     whep_url: Option<String>,
+    /// Verifies players' session tokens with the key of the broker that welcomed the agent.
+    tokens: Option<TokenVerifier>,
 }
 
 impl std::fmt::Debug for AgentCore {
@@ -183,7 +200,21 @@ impl AgentCore {
             policy: InstancePolicy::default(),
             wake: Arc::new(Notify::new()),
             whep_url: None,
+            tokens: None,
         }
+    }
+
+    /// Checks a player's session token offline: signed by the broker that welcomed this
+    /// agent, for this node, not expired, and for a session the node holds.
+    pub fn verify_token(&self, token: &str, now: Timestamp) -> Result<Claims, TokenRefusal> {
+        let verifier = self.tokens.as_ref().ok_or(TokenRefusal::NoKey)?;
+        let claims = verifier
+            .verify(token, &self.node_id, now)
+            .map_err(TokenRefusal::Invalid)?;
+        if !self.sessions.contains_key(&claims.session_id) {
+            return Err(TokenRefusal::UnknownSession(claims.session_id));
+        }
+        Ok(claims)
     }
 
     /// Sets the WHEP base URL the hello reports.
@@ -468,6 +499,15 @@ impl AgentState for AgentCore {
         }
     }
 
+    fn welcomed(&mut self, welcome: &framecast_shared::protocol::Welcome) {
+        match TokenVerifier::new(&welcome.token_public_key) {
+            Ok(v) => self.tokens = Some(v),
+            Err(e) => {
+                tracing::error!(error = %e, "the broker's token key is unusable; players cannot connect")
+            }
+        }
+    }
+
     fn handle(&mut self, message: Message) -> Vec<Message> {
         match message {
             Message::Reserve(r) => {
@@ -694,5 +734,54 @@ mod tests {
         assert_eq!(hb.gpus[1].vgpus, Some(1));
         assert_eq!(hb.gpus[1].profile.as_deref(), Some("L4-4Q"));
         assert_eq!(hb.gpus[0].vgpus, Some(0));
+    }
+
+    #[test]
+    fn tokens_are_checked_offline_with_the_welcoming_brokers_key() {
+        use framecast_shared::protocol::Welcome;
+        use framecast_shared::token::TokenSigner;
+        let mut c = core();
+        let broker = TokenSigner::generate().unwrap();
+        let claims = |n: u128, node: &str, expires_at| Claims {
+            session_id: SessionId::new(T0, n),
+            node_id: NodeId::new(node).unwrap(),
+            issued_at: T0,
+            expires_at,
+        };
+        let later = Timestamp::from_millis(T0.as_millis() + 60_000);
+        let good = broker.sign(&claims(1, "n1", later));
+        assert!(matches!(
+            c.verify_token(&good, T0),
+            Err(TokenRefusal::NoKey)
+        ));
+        c.welcomed(&Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            broker_version: "test".into(),
+            region: RegionName::new("eu").unwrap(),
+            generation: 5,
+            heartbeat_interval_ms: 1000,
+            token_public_key: broker.public_key().to_vec(),
+        });
+        assert!(matches!(
+            c.verify_token(&good, T0),
+            Err(TokenRefusal::UnknownSession(_))
+        ));
+        c.handle(reserve(1, "sim-0", 0, 1000));
+        assert_eq!(
+            c.verify_token(&good, T0).unwrap().session_id,
+            SessionId::new(T0, 1)
+        );
+        // Forged, for another node, expired: all refused.
+        let forged = TokenSigner::generate()
+            .unwrap()
+            .sign(&claims(1, "n1", later));
+        let elsewhere = broker.sign(&claims(1, "n2", later));
+        let expired = broker.sign(&claims(1, "n1", T0));
+        for t in [forged, elsewhere, expired, "fc1.garbage".into()] {
+            assert!(matches!(
+                c.verify_token(&t, T0),
+                Err(TokenRefusal::Invalid(_))
+            ));
+        }
     }
 }

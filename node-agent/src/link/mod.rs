@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 
 use framecast_shared::protocol::handshake::accept_welcome;
 use framecast_shared::protocol::{
-    GoodbyeReason, Heartbeat, Hello, MIN_SUPPORTED_VERSION, Message, PROTOCOL_VERSION,
+    GoodbyeReason, Heartbeat, Hello, MIN_SUPPORTED_VERSION, Message, PROTOCOL_VERSION, Welcome,
 };
 
 use framecast_shared::protocol::quic::{FrameIoError, read_message, write_message};
@@ -35,6 +35,8 @@ pub trait AgentState: Send {
     /// Executes a message from the broker (`reserve`, `release`, `pool-plan`, `drain`) and
     /// returns the messages to send back.
     fn handle(&mut self, message: Message) -> Vec<Message>;
+    /// The broker welcomed the agent (its token key may have changed).
+    fn welcomed(&mut self, _welcome: &Welcome) {}
 }
 
 /// How to reach the broker.
@@ -296,6 +298,7 @@ async fn converse(
                     w.generation
                 )));
             }
+            lock(agent).welcomed(&w);
             Duration::from_millis(u64::from(w.heartbeat_interval_ms.max(50)))
         }
         Some(Ok(Some(Message::Goodbye(g)))) => return goodbye(g.reason, g.message),
