@@ -54,11 +54,14 @@ impl Default for DevOptions {
 /// A running dev deployment.
 #[derive(Debug)]
 pub struct Dev {
-    /// The broker.
-    pub broker: Running,
+    broker: Option<Running>,
     /// The development API key.
     pub api_key: String,
     agents: Vec<DevAgent>,
+    /// What the broker was started with, to restart it.
+    config: BrokerConfig,
+    tls: Arc<rustls::ServerConfig>,
+    token_key: PathBuf,
     /// Keeps the temp dir alive while the deployment runs.
     _temp: Option<tempfile::TempDir>,
 }
@@ -72,18 +75,53 @@ struct DevAgent {
 }
 
 impl Dev {
+    /// The broker.
+    pub fn broker(&self) -> &Running {
+        // Only `restart_broker` takes it out, and it always puts one back before returning.
+        self.broker
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("a dev deployment always has a broker"))
+    }
+
     /// Stops the agents, then the broker.
     pub async fn stop(self) {
         for a in self.agents {
             let _ = a.stop.send(true);
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), a.task).await;
         }
-        self.broker.stop().await;
+        if let Some(b) = self.broker {
+            b.stop().await;
+        }
     }
 
     /// The simulated nodes.
     pub fn nodes(&self) -> Vec<NodeId> {
         self.agents.iter().map(|a| a.node.clone()).collect()
+    }
+
+    /// Stops the broker and starts it again on the same addresses, store and keys, while the
+    /// agents keep running (they reconnect on their own).
+    pub async fn restart_broker(&mut self) -> anyhow::Result<()> {
+        let mut config = self.config.clone();
+        let old = self
+            .broker
+            .take()
+            .context("the broker is being restarted already")?;
+        config.http.listen = old.http;
+        config.control.listen = old.control;
+        // The old service (and its lock on the store) must be gone before the new one opens it.
+        old.stop().await;
+        let signer = TokenSigner::load_or_create(&self.token_key)?;
+        self.broker = Some(
+            start_with(
+                config,
+                Arc::clone(&self.tls),
+                signer,
+                RouterOptions { status_page: true },
+            )
+            .await?,
+        );
+        Ok(())
     }
 
     /// Stops one agent as if its host went away, and waits for it to end.
@@ -151,14 +189,16 @@ pub async fn start_dev(options: DevOptions) -> anyhow::Result<Dev> {
         &broker_cert.cert_pem,
         &broker_cert.key_pem,
     )?;
-    let signer = TokenSigner::load_or_create(&root.join("token.key"))?;
+    let token_key = root.join("token.key");
+    let signer = TokenSigner::load_or_create(&token_key)?;
     let mut config = broker_config(&options, &root)?;
     if let Some(tune) = options.tune {
         tune(&mut config);
     }
+    let tls = Arc::new(server_tls);
     let broker = start_with(
-        config,
-        Arc::new(server_tls),
+        config.clone(),
+        Arc::clone(&tls),
         signer,
         RouterOptions { status_page: true },
     )
@@ -206,9 +246,12 @@ pub async fn start_dev(options: DevOptions) -> anyhow::Result<Dev> {
         });
     }
     Ok(Dev {
-        broker,
+        broker: Some(broker),
         api_key: options.api_key,
         agents,
+        config,
+        tls,
+        token_key,
         _temp: temp,
     })
 }

@@ -221,7 +221,7 @@ async fn serve(config: BrokerConfig, token_key: Option<PathBuf>) -> anyhow::Resu
 
 async fn dev(options: DevOptions) -> anyhow::Result<()> {
     let dev = start_dev(options).await?;
-    let http = dev.broker.http;
+    let http = dev.broker().http;
     say(&format!(
         "Framecast dev: a broker and simulated GPU nodes on loopback.\n\
          \n  status   http://{http}/\n  API      http://{http}/v1  (Authorization: Bearer {key})\n  \

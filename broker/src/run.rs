@@ -32,9 +32,15 @@ pub struct Running {
 
 impl Running {
     /// Stops every task and waits for them.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
+        self.halt().await;
+    }
+
+    /// Stops every task and waits for them, leaving the value behind (its addresses stay
+    /// readable, to start a broker there again).
+    pub async fn halt(&mut self) {
         let _ = self.shutdown.send(true);
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             // An open event stream may hold the HTTP server past the signal; do not wait for
             // ever.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;

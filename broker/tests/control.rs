@@ -208,3 +208,50 @@ async fn agents_that_are_not_who_they_say_are_refused() {
     .unwrap();
     b.running.stop().await;
 }
+
+#[tokio::test]
+async fn truncated_or_oversized_frames_close_that_link_and_the_broker_serves_on() {
+    let b = broker().await;
+    let cert = b.ca.issue("gpu-1", &["gpu-1"], Role::Agent).unwrap();
+    timeout(LIMIT, async {
+        // A header announcing more than the frame limit: refused before the body is read.
+        let mut a = connect(b.running.control, &b.ca.cert.cert_pem, &cert)
+            .await
+            .unwrap();
+        a.send.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        let answer = read_message(&mut a.recv, DEFAULT_MAX_FRAME).await;
+        assert!(
+            matches!(&answer, Ok(Some(Message::Goodbye(g))) if g.reason == GoodbyeReason::ProtocolError)
+                || matches!(answer, Ok(None) | Err(_)),
+            "{answer:?}"
+        );
+        // A header announcing 100 bytes, then 3 and the end of the stream.
+        let mut a = connect(b.running.control, &b.ca.cert.cert_pem, &cert)
+            .await
+            .unwrap();
+        a.send.write_all(&100u32.to_be_bytes()).await.unwrap();
+        a.send.write_all(&[1, 2, 3]).await.unwrap();
+        a.send.finish().unwrap();
+        let answer = read_message(&mut a.recv, DEFAULT_MAX_FRAME).await;
+        assert!(!matches!(answer, Ok(Some(Message::Welcome(_)))), "{answer:?}");
+        // Garbage that frames correctly but is not a message.
+        let mut a = connect(b.running.control, &b.ca.cert.cert_pem, &cert)
+            .await
+            .unwrap();
+        a.send.write_all(&4u32.to_be_bytes()).await.unwrap();
+        a.send.write_all(&[0xff, 0x00, 0x13, 0x37]).await.unwrap();
+        let answer = read_message(&mut a.recv, DEFAULT_MAX_FRAME).await;
+        assert!(!matches!(answer, Ok(Some(Message::Welcome(_)))), "{answer:?}");
+        // After all that, a proper agent is welcomed.
+        let mut good = connect(b.running.control, &b.ca.cert.cert_pem, &cert)
+            .await
+            .unwrap();
+        assert!(matches!(
+            say_hello(&mut good, hello("gpu-1", 1)).await,
+            Some(Message::Welcome(_))
+        ));
+    })
+    .await
+    .unwrap();
+    b.running.stop().await;
+}

@@ -40,7 +40,7 @@ async fn dev_with(nodes: usize, gpus: u32, tune: Option<fn(&mut BrokerConfig)>) 
     .await
     .unwrap();
     // The agents connect in the background; wait until the broker knows them.
-    let addr = dev.broker.http;
+    let addr = dev.broker().http;
     timeout(LIMIT, async {
         loop {
             let r = get(addr, "/v1/nodes").await;
@@ -112,7 +112,7 @@ fn assert_problem(r: &Response, status: u16) -> serde_json::Value {
 #[tokio::test]
 async fn a_session_is_reserved_on_an_agent_with_a_token_it_can_verify() {
     let dev = dev_with(2, 2, None).await;
-    let addr = dev.broker.http;
+    let addr = dev.broker().http;
     let r = post(
         addr,
         "/v1/sessions",
@@ -135,7 +135,7 @@ async fn a_session_is_reserved_on_an_agent_with_a_token_it_can_verify() {
         s["session_id"].as_str().unwrap()
     )));
     // The token verifies offline with the key agents get in their welcome, for that node only.
-    let verifier = TokenVerifier::new(&dev.broker.broker.token_public_key()).unwrap();
+    let verifier = TokenVerifier::new(&dev.broker().broker.token_public_key()).unwrap();
     let claims = verifier
         .verify(s["token"].as_str().unwrap(), &node, Timestamp::now())
         .unwrap();
@@ -177,7 +177,7 @@ async fn a_session_is_reserved_on_an_agent_with_a_token_it_can_verify() {
 #[tokio::test]
 async fn bad_requests_get_problem_documents() {
     let dev = dev_with(1, 1, None).await;
-    let addr = dev.broker.http;
+    let addr = dev.broker().http;
     let body = session("arena-shooter", "1080p", "p1");
     // 401: no key, a bad key.
     let r = request(addr, "POST", "/v1/sessions", &[], body.as_bytes()).await;
@@ -241,7 +241,7 @@ async fn bad_requests_get_problem_documents() {
 #[tokio::test]
 async fn a_retry_with_the_same_idempotency_key_returns_the_same_session() {
     let dev = dev_with(1, 1, None).await;
-    let addr = dev.broker.http;
+    let addr = dev.broker().http;
     let body = session("open-world", "720p", "p1");
     let key = [("idempotency-key", "order-1")];
     let first = post(addr, "/v1/sessions", &body, &key).await;
@@ -266,7 +266,7 @@ async fn a_retry_with_the_same_idempotency_key_returns_the_same_session() {
 async fn a_full_fleet_queues_or_refuses_and_a_queued_player_hears_when_placed() {
     // One node, one L4: three 4K sessions fill it.
     let dev = dev_with(1, 1, None).await;
-    let addr = dev.broker.http;
+    let addr = dev.broker().http;
     let mut ids = Vec::new();
     for i in 0..3 {
         let r = post(
@@ -312,7 +312,7 @@ async fn a_full_fleet_queues_or_refuses_and_a_queued_player_hears_when_placed() 
 #[tokio::test]
 async fn operators_cordon_and_drain_nodes_and_others_may_not() {
     let dev = dev_with(2, 1, None).await;
-    let addr = dev.broker.http;
+    let addr = dev.broker().http;
     let nodes = dev.nodes();
     let (a, b) = (nodes[0].to_string(), nodes[1].to_string());
     assert_eq!(
@@ -403,7 +403,7 @@ async fn operators_cordon_and_drain_nodes_and_others_may_not() {
 #[tokio::test]
 async fn the_openapi_document_and_metrics_describe_the_service() {
     let dev = dev_with(1, 1, None).await;
-    let addr = dev.broker.http;
+    let addr = dev.broker().http;
     let doc = get(addr, "/openapi.json").await.json();
     for path in [
         "/v1/sessions",
@@ -451,7 +451,7 @@ fn fast_liveness(c: &mut BrokerConfig) {
 #[tokio::test]
 async fn sessions_on_a_lost_node_end_with_node_lost() {
     let mut dev = dev_with(2, 1, Some(fast_liveness)).await;
-    let addr = dev.broker.http;
+    let addr = dev.broker().http;
     let r = post(
         addr,
         "/v1/sessions",
@@ -498,7 +498,7 @@ fn one_request_per_minute(c: &mut BrokerConfig) {
 #[tokio::test]
 async fn a_tenant_over_its_rate_gets_429_with_retry_after() {
     let dev = dev_with(1, 1, Some(one_request_per_minute)).await;
-    let addr = dev.broker.http;
+    let addr = dev.broker().http;
     let body = session("open-world", "720p", "p");
     assert_eq!(post(addr, "/v1/sessions", &body, &[]).await.status, 201);
     let r = post(addr, "/v1/sessions", &body, &[]).await;
@@ -523,7 +523,7 @@ fn with_platform_tenant(c: &mut BrokerConfig) {
 #[tokio::test]
 async fn tenants_see_only_their_sessions_and_only_operators_touch_nodes() {
     let dev = dev_with(1, 1, Some(with_platform_tenant)).await;
-    let addr = dev.broker.http;
+    let addr = dev.broker().http;
     let theirs = [("authorization", "Bearer platform-key")];
     let r = request(addr, "GET", "/v1/nodes", &theirs, b"").await;
     assert_problem(&r, 403);
@@ -566,7 +566,7 @@ async fn after_a_restart_the_broker_finds_its_sessions_and_idempotency_keys_agai
         tune: None,
     };
     let dev = start_dev(options()).await.unwrap();
-    let addr = dev.broker.http;
+    let addr = dev.broker().http;
     timeout(LIMIT, async {
         while get(addr, "/v1/nodes")
             .await
@@ -597,7 +597,7 @@ async fn after_a_restart_the_broker_finds_its_sessions_and_idempotency_keys_agai
     dev.stop().await;
 
     let dev = start_dev(options()).await.unwrap();
-    let addr = dev.broker.http;
+    let addr = dev.broker().http;
     let again = post(addr, "/v1/sessions", &body, &key).await;
     assert_eq!(again.json()["session_id"], id, "the same session");
     assert_eq!(again.json()["state"], "queued", "{}", again.body);
@@ -614,5 +614,139 @@ async fn after_a_restart_the_broker_finds_its_sessions_and_idempotency_keys_agai
     let again = post(addr, "/v1/sessions", &body, &key).await;
     assert_eq!(again.status, 201, "{}", again.body);
     assert_eq!(again.json()["session_id"], id);
+    dev.stop().await;
+}
+
+async fn all_connected(addr: SocketAddr, nodes: usize) {
+    timeout(LIMIT, async {
+        loop {
+            let r = get(addr, "/v1/nodes").await;
+            if r.status == 200
+                && r.json()
+                    .as_array()
+                    .is_some_and(|n| n.len() == nodes && n.iter().all(|n| n["connected"] == true))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("every agent connects");
+}
+
+fn sorted_ids(page: &serde_json::Value) -> Vec<String> {
+    let mut ids: Vec<String> = page["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["session_id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn a_broker_restart_with_sessions_running_loses_and_doubles_nothing() {
+    let mut dev = dev_with(3, 2, None).await;
+    let addr = dev.broker().http;
+    let mut created = Vec::new();
+    for i in 0..12 {
+        let r = post(
+            addr,
+            "/v1/sessions",
+            &session("open-world", "720p", &format!("p{i}")),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        created.push(r.json()["session_id"].as_str().unwrap().to_owned());
+    }
+    created.sort();
+    let before = get(addr, "/v1/sessions?limit=1000").await.json();
+    assert_eq!(sorted_ids(&before), created);
+
+    dev.restart_broker().await.unwrap();
+    let addr = dev.broker().http;
+    all_connected(addr, 3).await;
+    let after = get(addr, "/v1/sessions?limit=1000").await.json();
+    assert_eq!(
+        sorted_ids(&after),
+        created,
+        "the same sessions, none lost or doubled"
+    );
+    // The engine holds each of them once again, from the agents' hellos.
+    let held: u64 = get(addr, "/v1/pools")
+        .await
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["reserved"].as_u64().unwrap() + p["active"].as_u64().unwrap())
+        .sum();
+    assert_eq!(held, 12);
+    // And the service goes on: a release reaches the agent, a new session is placed.
+    assert_eq!(
+        delete(addr, &format!("/v1/sessions/{}", created[0]))
+            .await
+            .status,
+        204
+    );
+    let r = post(
+        addr,
+        "/v1/sessions",
+        &session("open-world", "720p", "new"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    dev.stop().await;
+}
+
+#[tokio::test]
+async fn a_thousand_sessions_are_allocated_and_released() {
+    let dev = dev_with(3, 2, None).await;
+    let addr = dev.broker().http;
+    let mut workers = Vec::new();
+    for w in 0..8 {
+        workers.push(tokio::spawn(async move {
+            let mut nodes = std::collections::BTreeSet::new();
+            for i in 0..125 {
+                let r = post(
+                    addr,
+                    "/v1/sessions",
+                    // A shooter: its sessions spread over GPUs, so every node is used.
+                    &session("arena-shooter", "720p", &format!("w{w}-{i}")),
+                    &[],
+                )
+                .await;
+                assert_eq!(r.status, 201, "{}", r.body);
+                let s = r.json();
+                nodes.insert(s["node_id"].as_str().unwrap().to_owned());
+                let id = s["session_id"].as_str().unwrap();
+                assert_eq!(
+                    delete(addr, &format!("/v1/sessions/{id}")).await.status,
+                    204
+                );
+            }
+            nodes
+        }));
+    }
+    let mut nodes = std::collections::BTreeSet::new();
+    for w in workers {
+        nodes.extend(timeout(Duration::from_secs(120), w).await.unwrap().unwrap());
+    }
+    assert_eq!(nodes.len(), 3, "every node took sessions");
+    // Nothing is left held anywhere.
+    let pools = get(addr, "/v1/pools").await.json();
+    for p in pools.as_array().unwrap() {
+        assert_eq!(
+            (p["reserved"].as_u64(), p["active"].as_u64()),
+            (Some(0), Some(0)),
+            "{p}"
+        );
+    }
+    let listed = get(addr, "/v1/sessions").await.json();
+    assert!(listed["sessions"].as_array().unwrap().is_empty());
     dev.stop().await;
 }
