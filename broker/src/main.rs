@@ -34,7 +34,8 @@ enum Command {
     Serve {
         #[command(flatten)]
         config: ConfigArgs,
-        /// The Ed25519 key session tokens are signed with (created when absent).
+        /// The Ed25519 key session tokens are signed with (created when absent); overrides
+        /// `token_key` in broker.toml.
         #[arg(long, value_name = "FILE")]
         token_key: Option<PathBuf>,
     },
@@ -209,7 +210,11 @@ async fn serve(config: BrokerConfig, token_key: Option<PathBuf>) -> anyhow::Resu
     };
     let (ca, cert, key) = tls::read_files(tls_files)?;
     let server = tls::server_config(&ca, &cert, &key)?;
-    let key_path = token_key.unwrap_or_else(|| config.data_dir.join("token.key"));
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+    let key_path = token_key
+        .or_else(|| config.token_key.clone())
+        .unwrap_or_else(|| config.data_dir.join("token.key"));
     let signer = TokenSigner::load_or_create(&key_path)
         .with_context(|| format!("the token key {}", key_path.display()))?;
     let running = framecast_broker::run::start(config, Arc::new(server), signer).await?;

@@ -92,6 +92,7 @@ pub fn record_state(broker: &Broker) {
             .filter(|n| broker.connected(&n.node_id))
             .count() as f64,
     );
+    let mut queued = std::collections::BTreeMap::<String, u32>::new();
     for p in &pools {
         let labels = [
             ("region", p.region.to_string()),
@@ -99,7 +100,10 @@ pub fn record_state(broker: &Broker) {
         ];
         metrics::gauge!(POOL_FREE, &labels).set(f64::from(p.free));
         metrics::gauge!(POOL_WARM, &labels).set(f64::from(p.warm));
-        metrics::gauge!(QUEUE_DEPTH, "tier" => p.tier.to_string()).set(f64::from(p.queued));
+        *queued.entry(p.tier.to_string()).or_default() += p.queued;
+    }
+    for (tier, n) in queued {
+        metrics::gauge!(QUEUE_DEPTH, "tier" => tier).set(f64::from(n));
     }
     for (state, n) in broker.session_counts() {
         metrics::gauge!(SESSIONS, "state" => state).set(n as f64);

@@ -235,6 +235,18 @@ async fn bad_requests_get_problem_documents() {
     assert_problem(&get(addr, &format!("/v1/sessions/{id}")).await, 404);
     assert_problem(&get(addr, "/v1/sessions/not-an-id").await, 404);
     assert_problem(&get(addr, "/v2/everything").await, 404);
+    // 405 is a problem document too, and an unknown filter is a 400.
+    let r = request(
+        addr,
+        "PUT",
+        "/v1/sessions",
+        &[("authorization", "Bearer dev-key")],
+        b"",
+    )
+    .await;
+    assert_problem(&r, 405);
+    assert_problem(&get(addr, "/v1/sessions?state=sleeping").await, 400);
+    assert_problem(&get(addr, "/v1/sessions?limit=0").await, 400);
     dev.stop().await;
 }
 
@@ -397,6 +409,35 @@ async fn operators_cordon_and_drain_nodes_and_others_may_not() {
         .map(|p| p["reserved"].as_u64().unwrap())
         .sum();
     assert_eq!(reserved, 3, "explain reserved nothing");
+    // Uncordoning the draining node cancels the drain on its agent too: with A cordoned,
+    // B takes sessions again.
+    assert_eq!(
+        post(addr, &format!("/v1/nodes/{b}/uncordon"), "", &[])
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        post(addr, &format!("/v1/nodes/{a}/cordon"), "", &[])
+            .await
+            .status,
+        204
+    );
+    let r = post(
+        addr,
+        "/v1/sessions",
+        &session("open-world", "720p", "p4"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["node_id"], b.as_str());
+    assert_eq!(
+        post(addr, &format!("/v1/nodes/{a}/uncordon"), "", &[])
+            .await
+            .status,
+        204
+    );
     dev.stop().await;
 }
 
@@ -551,6 +592,15 @@ async fn tenants_see_only_their_sessions_and_only_operators_touch_nodes() {
     assert_problem(&r, 404);
     let r = request(addr, "GET", "/v1/sessions", &theirs, b"").await;
     assert_eq!(r.json()["sessions"].as_array().unwrap().len(), 0);
+    let r = request(
+        addr,
+        "POST",
+        "/v1/placement/explain",
+        &theirs,
+        session("open-world", "720p", "p").as_bytes(),
+    )
+    .await;
+    assert_problem(&r, 403);
     dev.stop().await;
 }
 

@@ -307,6 +307,16 @@ pub fn init_dir(
                 reason: "given twice".into(),
             });
         }
+        // The broker checks that an agent's certificate names its node id, which only works
+        // for ids a certificate can carry.
+        if rustls::pki_types::ServerName::try_from(*name).is_err() {
+            return Err(TlsError::Name {
+                what: "agent name",
+                name: (*name).to_owned(),
+                reason: "must be a DNS name or an IP address, which its certificate can carry"
+                    .into(),
+            });
+        }
         agent_ids.push(id);
     }
 
@@ -580,7 +590,14 @@ mod tests {
     #[test]
     fn init_dir_refuses_bad_and_repeated_agent_names() {
         let tmp = tempfile::tempdir().unwrap();
-        for agents in [&["../etc"][..], &["a/b"], &[""], &["gpu-1", "gpu-1"]] {
+        for agents in [
+            &["../etc"][..],
+            &["a/b"],
+            &[""],
+            &["gpu-1", "gpu-1"],
+            // A node id its certificate could not carry (the broker checks it does).
+            &["gpu:1"],
+        ] {
             let err = init_dir(tmp.path(), &[], agents, false).unwrap_err();
             assert!(matches!(err, TlsError::Name { .. }), "{agents:?}: {err}");
         }

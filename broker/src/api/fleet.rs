@@ -14,7 +14,7 @@ use framecast_shared::time::Timestamp;
 
 use super::problem::Problem;
 use super::{ApiState, Caller};
-use crate::placement::{PlaceRequest, Priority, RegionRtt};
+use crate::placement::{PlaceRequest, RegionRtt};
 use crate::service::ServiceError;
 use crate::service::view::CreateSession;
 
@@ -144,6 +144,7 @@ fn node_id(raw: &str) -> Result<NodeId, Problem> {
     params(("id" = String, Path, description = "The node id")),
     responses(
         (status = 204, description = "Cordoned"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
     ),
@@ -167,6 +168,7 @@ pub(super) async fn cordon(
     params(("id" = String, Path, description = "The node id")),
     responses(
         (status = 204, description = "Uncordoned"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
     ),
@@ -178,7 +180,7 @@ pub(super) async fn uncordon(
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
     admin(&tenant)?;
-    state.broker.uncordon(&node_id(&id)?)?;
+    state.broker.uncordon(&node_id(&id)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -201,8 +203,10 @@ pub(super) struct DrainBody {
     responses(
         (status = 204, description = "Draining"),
         (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 413, body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = []))
 )]
@@ -210,9 +214,10 @@ pub(super) async fn drain(
     State(state): State<ApiState>,
     Caller(tenant): Caller,
     Path(id): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<StatusCode, Problem> {
     admin(&tenant)?;
+    let body = super::problem::body_or_problem(body)?;
     let body: DrainBody = if body.is_empty() {
         DrainBody { deadline_s: None }
     } else {
@@ -278,7 +283,7 @@ pub(super) async fn pools(
 }
 
 /// A dry run of placement: where a request would go and why, with every candidate's score.
-/// Nothing is reserved.
+/// Nothing is reserved. Operators only: it shows the fleet's nodes and GPUs.
 #[utoipa::path(
     post,
     path = "/v1/placement/explain",
@@ -288,6 +293,8 @@ pub(super) async fn pools(
         (status = 200, description = "The engine's explanation: attempts, candidates with score breakdowns, and the decision", body = serde_json::Value),
         (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 413, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = []))
@@ -295,8 +302,10 @@ pub(super) async fn pools(
 pub(super) async fn explain(
     State(state): State<ApiState>,
     Caller(tenant): Caller,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<serde_json::Value>, Problem> {
+    admin(&tenant)?;
+    let body = super::problem::body_or_problem(body)?;
     let request: CreateSession = serde_json::from_slice(&body)
         .map_err(|e| Problem::bad_request(format!("the body is not a session request: {e}")))?;
     let (game, tier, genre, regions) = state.broker.resolve(&request)?;
@@ -306,12 +315,12 @@ pub(super) async fn explain(
         game,
         tier,
         genre,
-        priority: Priority::Normal,
+        priority: crate::service::parse_priority(request.priority.as_deref())?,
         regions: regions
             .into_iter()
             .map(|(region, rtt_ms)| RegionRtt { region, rtt_ms })
             .collect(),
-        fallbacks: Vec::new(),
+        fallbacks: crate::service::parse_fallbacks(&request.fallbacks)?,
         queue: request.queue.unwrap_or(true),
     };
     let explanation = state.broker.with_engine(|e| e.explain(&place));

@@ -146,6 +146,14 @@ pub fn router(broker: Broker, metrics: ops::PrometheusHandle, options: RouterOpt
         .fallback(|method: Method, uri: axum::http::Uri| async move {
             Problem::not_found(format!("no route for {method} {uri}"))
         })
+        .method_not_allowed_fallback(|method: Method, uri: axum::http::Uri| async move {
+            Problem::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+                format!("{uri} does not take {method}"),
+            )
+        })
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state);
     let ready_broker = broker.clone();

@@ -69,6 +69,24 @@ impl Problem {
     }
 }
 
+/// The request body, or the problem with it (413 past the configured limit, 400 otherwise).
+pub fn body_or_problem(
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<axum::body::Bytes, Problem> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                "Body too large",
+                "the body exceeds http.max_body_bytes",
+            )
+        } else {
+            Problem::bad_request(e.body_text())
+        }
+    })
+}
+
 impl From<ServiceError> for Problem {
     fn from(e: ServiceError) -> Self {
         let detail = e.to_string();

@@ -48,21 +48,7 @@ pub(super) async fn create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Problem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too-large",
-                "Body too large",
-                format!(
-                    "the body exceeds {} bytes",
-                    state.broker.config().http.max_body_bytes
-                ),
-            )
-        } else {
-            Problem::bad_request(e.body_text())
-        }
-    })?;
+    let body = super::problem::body_or_problem(body)?;
     let request: CreateSession = serde_json::from_slice(&body)
         .map_err(|e| Problem::bad_request(format!("the body is not a session request: {e}")))?;
     let key = match headers.get("idempotency-key") {
@@ -162,7 +148,8 @@ pub(super) struct ListQuery {
 pub(super) struct SessionPage {
     /// The sessions, oldest first.
     sessions: Vec<SessionView>,
-    /// Pass as `after` for the next page; absent on the last.
+    /// Pass as `after` for the next page. Present whenever this page is full, so the page
+    /// after it may be empty; absent on a page that is not full.
     #[serde(skip_serializing_if = "Option::is_none")]
     next: Option<String>,
 }
@@ -186,6 +173,13 @@ pub(super) async fn list(
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<SessionPage>, Problem> {
     let Query(q) = query.map_err(|e| Problem::bad_request(e.body_text()))?;
+    if let Some(s) = &q.state
+        && !["queued", "reserved", "connecting", "active", "reconnecting"].contains(&s.as_str())
+    {
+        return Err(Problem::bad_request(format!(
+            "state {s:?} is not queued, reserved, connecting, active or reconnecting"
+        )));
+    }
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(Problem::bad_request("limit must be in 1..=1000"));
@@ -240,33 +234,59 @@ pub(super) async fn events(
         .broker
         .session_view(&tenant.id, &id)
         .ok_or_else(|| Problem::not_found(format!("no session {id}")))?;
-    let id_text = id.to_string();
     let done = first.state == "ended";
+    let follow = Follow {
+        broker: state.broker.clone(),
+        tenant: tenant.id.clone(),
+        id,
+        id_text: id.to_string(),
+        rx,
+    };
     let events = stream::unfold(
-        (Some(first), rx, done, tenant.id.clone(), id_text),
-        |(first, mut rx, done, tenant, id)| async move {
+        (Some(first), follow, done),
+        |(first, mut f, done)| async move {
             if let Some(view) = first {
                 let event = sse_event(&view);
-                return Some((Ok(event), (None, rx, done, tenant, id)));
+                return Some((Ok(event), (None, f, done)));
             }
             if done {
                 return None;
             }
-            loop {
-                match rx.recv().await {
-                    Ok(e) if e.tenant == tenant && e.view.session_id == id => {
-                        let ended = e.view.state == "ended";
-                        return Some((Ok(sse_event(&e.view)), (None, rx, ended, tenant, id)));
-                    }
-                    Ok(_) => continue,
-                    // Missed events: the next one still carries the whole state.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
-                }
-            }
+            let view = f.next().await?;
+            let ended = view.state == "ended";
+            Some((Ok(sse_event(&view)), (None, f, ended)))
         },
     );
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// One session's changes, from the broker's event channel.
+struct Follow {
+    broker: crate::service::Broker,
+    tenant: framecast_shared::ids::TenantId,
+    id: SessionId,
+    id_text: String,
+    rx: tokio::sync::broadcast::Receiver<crate::service::SessionEvent>,
+}
+
+impl Follow {
+    /// The session's next state; `None` when the broker is gone.
+    async fn next(&mut self) -> Option<SessionView> {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match self.rx.recv().await {
+                Ok(e) if e.tenant == self.tenant && e.view.session_id == self.id_text => {
+                    return Some(e.view);
+                }
+                Ok(_) => continue,
+                // Events were missed (a slow client): the current state says where it is.
+                Err(RecvError::Lagged(_)) => {
+                    return self.broker.session_view(&self.tenant, &self.id);
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
 }
 
 fn sse_event(view: &SessionView) -> Event {

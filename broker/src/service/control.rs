@@ -157,8 +157,8 @@ async fn connection(broker: Broker, conn: quinn::Connection) {
     }
     let (tx, mut rx) = mpsc::channel::<Message>(LINK_QUEUE);
     let conn_id = CONNECTIONS.fetch_add(1, Ordering::Relaxed);
-    if let Err(why) = admit(&broker, &hello, tx.clone(), conn_id).await {
-        bye(&mut send, GoodbyeReason::StaleGeneration, &why, max_frame).await;
+    if let Err((reason, why)) = admit(&broker, &hello, tx.clone(), conn_id).await {
+        bye(&mut send, reason, &why, max_frame).await;
         return;
     }
     let welcome = Message::Welcome(Welcome {
@@ -177,9 +177,13 @@ async fn connection(broker: Broker, conn: quinn::Connection) {
     metrics::counter!(crate::metrics::AGENT_CONNECTS).increment(1);
 
     // The writer owns the send side; everything for the agent goes through the link's queue.
+    let writer_conn = conn.clone();
     let writer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
             if write(&mut send, &m, max_frame).await.is_err() {
+                // A link nothing can be sent on is no link: close it so the reader ends too
+                // and the agent reconnects.
+                writer_conn.close(0u32.into(), b"write failed");
                 break;
             }
         }
@@ -205,6 +209,17 @@ async fn connection(broker: Broker, conn: quinn::Connection) {
             // A newer connection of this node took over: this one is fenced.
             break;
         }
+        if matches!(message, Message::Heartbeat(_)) && marked_down(&broker, &node) {
+            // The node was declared down while its link stayed open; only a fresh hello
+            // brings it back (with its full state), so ask for one.
+            let _ = tx
+                .send(Message::Goodbye(Goodbye {
+                    reason: GoodbyeReason::Other,
+                    message: "this node was marked down; reconnect and say hello again".into(),
+                }))
+                .await;
+            break;
+        }
         on_message(&broker, &node, generation, message).await;
     }
     drop(tx);
@@ -220,11 +235,36 @@ async fn admit(
     hello: &Hello,
     tx: mpsc::Sender<Message>,
     conn: u64,
-) -> Result<(), String> {
+) -> Result<(), (GoodbyeReason, String)> {
     let now = Timestamp::now();
-    let (outcome, unknown) = {
+    // Reconcile and register under one lock, so two hellos of one node cannot interleave.
+    let (unknown, old) = {
         let mut st = broker.state();
-        let outcome = st.engine.reconcile(hello, now);
+        match st.engine.reconcile(hello, now) {
+            Ok(ReconcileOutcome::Stale { current }) => {
+                return Err((
+                    GoodbyeReason::StaleGeneration,
+                    format!(
+                        "generation {} is older than {current}, which this broker has seen",
+                        hello.generation
+                    ),
+                ));
+            }
+            Ok(ReconcileOutcome::Applied {
+                adopted,
+                ended,
+                refused,
+            }) => {
+                tracing::info!(node_id = %hello.node_id, adopted, ended, refused, "hello reconciled");
+            }
+            Err(e) => {
+                // Worth another try later (e.g. after an operator fixes the catalogue).
+                return Err((
+                    GoodbyeReason::Other,
+                    format!("the hello could not be applied: {e}"),
+                ));
+            }
+        }
         // Sessions the agent runs that no platform asked for here (the store lost them, or
         // the broker ended them while the agent was away) are released.
         let unknown: Vec<_> = hello
@@ -237,33 +277,17 @@ async fn admit(
         for s in &unknown {
             let _ = st.engine.release(s, EndReason::Error, now);
         }
-        (outcome, unknown)
+        let old = broker.inner.links.insert(
+            hello.node_id.clone(),
+            Link {
+                generation: hello.generation,
+                tx,
+                conn,
+                whep_url: hello.whep_url.clone(),
+            },
+        );
+        (unknown, old)
     };
-    match outcome {
-        Ok(ReconcileOutcome::Stale { current }) => {
-            return Err(format!(
-                "generation {} is older than {current}, which this broker has seen",
-                hello.generation
-            ));
-        }
-        Ok(ReconcileOutcome::Applied {
-            adopted,
-            ended,
-            refused,
-        }) => {
-            tracing::info!(node_id = %hello.node_id, adopted, ended, refused, "hello reconciled");
-        }
-        Err(e) => return Err(format!("the hello could not be applied: {e}")),
-    }
-    let old = broker.inner.links.insert(
-        hello.node_id.clone(),
-        Link {
-            generation: hello.generation,
-            tx,
-            conn,
-            whep_url: hello.whep_url.clone(),
-        },
-    );
     if let Some(old) = old {
         tracing::info!(node_id = %hello.node_id, old_generation = old.generation, "a newer connection replaces the node's link");
         let _ = old.tx.try_send(Message::Goodbye(Goodbye {
@@ -318,6 +342,10 @@ fn certificate_names(
         .map_err(|_| format!("the agent's certificate is not issued for node {node}"))
 }
 
+fn marked_down(broker: &Broker, node: &framecast_shared::ids::NodeId) -> bool {
+    broker.inner.seen.get(node).is_some_and(|s| s.down)
+}
+
 fn current(broker: &Broker, node: &framecast_shared::ids::NodeId, conn: u64) -> bool {
     broker.inner.links.get(node).is_some_and(|l| l.conn == conn)
 }
@@ -344,7 +372,6 @@ async fn on_message(
             if let Err(e) = r {
                 tracing::warn!(node_id = %node, error = %e, "heartbeat not applied");
             }
-            broker.inner.wake.notify_one();
         }
         Message::Reserved(r) => {
             if let Some((_, tx)) = broker.inner.pending.remove(&r.request_id) {
@@ -387,7 +414,8 @@ async fn on_message(
                 (Ok(Some(entry)), _) => {
                     let store = broker.inner.store.clone();
                     let rec = entry.record.clone();
-                    let _ = tokio::task::spawn_blocking(move || store.put_session(&rec)).await;
+                    // Only if it is still stored: an end recorded meanwhile stays ended.
+                    let _ = tokio::task::spawn_blocking(move || store.update_session(&rec)).await;
                     let view = broker.view_of(&entry);
                     broker.publish(entry.record.tenant.clone(), view);
                 }

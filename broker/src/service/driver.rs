@@ -20,13 +20,18 @@ pub async fn run(broker: Broker, mut shutdown: watch::Receiver<bool>) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_sweep = Instant::now();
     loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            () = broker.inner.wake.notified() => {}
+        // A wake-up (something changed) only drains the engine's events; the scans over every
+        // node and session run on the timed tick.
+        let timed = tokio::select! {
+            _ = ticks.tick() => true,
+            () = broker.inner.wake.notified() => false,
             _ = shutdown.wait_for(|s| *s) => return,
+        };
+        if timed {
+            liveness(&broker);
+            orphans(&broker).await;
+            broker.end_overdue(Timestamp::now()).await;
         }
-        liveness(&broker);
-        orphans(&broker).await;
         broker.tick(Timestamp::now()).await;
         if last_sweep.elapsed() >= Duration::from_secs(3600) {
             last_sweep = Instant::now();
@@ -72,11 +77,16 @@ fn liveness(broker: &Broker) {
     }
 }
 
+/// The longest an agent waits between reconnect attempts (its link's backoff cap).
+const AGENT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
 /// After a restart, placed sessions wait for their agents' hellos; those no agent reported
-/// within the node-lost grace (after the down timeout) end with `node-lost`.
+/// within the down timeout, the node-lost grace and an agent's longest reconnect backoff end
+/// with `node-lost`.
 async fn orphans(broker: &Broker) {
     let c = &broker.inner.config.control;
-    let grace = Duration::from_millis(u64::from(c.down_after_ms) + u64::from(c.node_lost_grace_ms));
+    let grace = Duration::from_millis(u64::from(c.down_after_ms) + u64::from(c.node_lost_grace_ms))
+        + AGENT_BACKOFF_MAX;
     if broker.inner.started.elapsed() < grace {
         return;
     }
@@ -93,7 +103,8 @@ async fn orphans(broker: &Broker) {
     };
     for id in lost {
         tracing::warn!(session_id = %id, "no agent reported this session since the broker started");
-        broker.end(&id, EndReason::NodeLost, false).await;
+        // Tell its agent, if it is connected after all, so no slot stays held there.
+        broker.end(&id, EndReason::NodeLost, true).await;
     }
     for id in unplaceable {
         tracing::warn!(session_id = %id, "a queued session from before the restart names no region with nodes");

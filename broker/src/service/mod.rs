@@ -45,6 +45,8 @@ use view::{CreateSession, SessionView};
 pub const RESERVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Placements tried for one request when agents refuse what the engine chose.
 const PLACE_ATTEMPTS: usize = 3;
+/// Ended sessions kept in memory for `GET /v1/sessions/{id}`.
+const ENDED_KEPT: usize = 10_000;
 /// Idempotency keys are kept this long.
 pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -137,6 +139,15 @@ struct Seen {
     down: bool,
 }
 
+/// Why a placement could not be held.
+#[derive(Debug)]
+enum Hold {
+    /// The agent refused or did not answer.
+    Refused(String),
+    /// The session ended meanwhile.
+    Gone,
+}
+
 /// What an agent answered to a `reserve`.
 #[derive(Debug, Clone)]
 enum Answer {
@@ -147,6 +158,9 @@ enum Answer {
 struct State {
     engine: Engine,
     sessions: BTreeMap<SessionId, Entry>,
+    /// The last sessions that ended, newest last, so `GET` answers for them without the
+    /// audit log.
+    ended: std::collections::VecDeque<(framecast_shared::ids::TenantId, SessionView)>,
     limits: RateLimits,
     /// Queued sessions from before a restart that the engine could not queue yet (no agent
     /// had said hello, so it knew no region); tried again every tick.
@@ -227,6 +241,7 @@ impl Broker {
                 state: Mutex::new(State {
                     engine,
                     sessions: BTreeMap::new(),
+                    ended: std::collections::VecDeque::new(),
                     limits: RateLimits::default(),
                     requeue: Vec::new(),
                     engine_placed: Vec::new(),
@@ -322,6 +337,10 @@ impl Broker {
     // ---- sessions ---------------------------------------------------------------------
 
     /// `POST /v1/sessions`.
+    ///
+    /// The session is tracked and stored (with its idempotency claim) before the engine sees
+    /// it, so whatever happens meanwhile — a DELETE, the queue placing it, a restart — finds
+    /// it; a request that fails leaves nothing behind.
     pub async fn create_session(
         &self,
         tenant: &TenantConfig,
@@ -346,6 +365,32 @@ impl Broker {
                 return self.replay(&claim, body_sha256);
             }
         }
+        let preset = self.preset(&tier)?;
+        let record = StoredSession {
+            session_id: SessionId::new(now, fastrand::u128(..)),
+            tenant: tenant.id.clone(),
+            game,
+            tier,
+            genre,
+            player_id: body.player_id.clone(),
+            priority: body.priority.clone().unwrap_or_else(|| "normal".into()),
+            regions: self.regions(&body)?,
+            state: SessionState::Queued,
+            node: None,
+            gpu: None,
+            slot: None,
+            created_at: now,
+            placed_at: None,
+            active_at: None,
+            expires_at: None,
+            idempotency_key: idempotency_key.clone(),
+            framebuffer_mb: preset.framebuffer.megabytes().get(),
+            compute_sixteenths: preset.compute_share.sixteenths(),
+        };
+        let mut request = place_request(&record, body.queue.unwrap_or(true));
+        request.priority = parse_priority(body.priority.as_deref())?;
+        request.fallbacks = parse_fallbacks(&body.fallbacks)?;
+        let id = record.session_id;
         {
             let mut st = self.state();
             if let Err(retry_after_s) = st.limits.take(tenant, now) {
@@ -371,39 +416,59 @@ impl Broker {
                     });
                 }
             }
+            // Counted against the quota from here on.
+            st.sessions.insert(
+                id,
+                Entry {
+                    record: record.clone(),
+                    token: None,
+                    whep_url: None,
+                },
+            );
         }
-        let preset = self.preset(&tier)?;
-        let mut record = StoredSession {
-            session_id: SessionId::new(now, fastrand::u128(..)),
+        let idem = idempotency_key.clone().map(|key| IdempotencyRecord {
             tenant: tenant.id.clone(),
-            game,
-            tier,
-            genre,
-            player_id: body.player_id.clone(),
-            priority: body.priority.clone().unwrap_or_else(|| "normal".into()),
-            regions: self.regions(&body)?,
-            state: SessionState::Queued,
-            node: None,
-            gpu: None,
-            slot: None,
+            key,
+            request_sha256: body_sha256,
+            session_id: id,
             created_at: now,
-            placed_at: None,
-            active_at: None,
-            expires_at: None,
-            idempotency_key: idempotency_key.clone(),
-            framebuffer_mb: preset.framebuffer.megabytes().get(),
-            compute_sixteenths: preset.compute_share.sixteenths(),
-        };
-        let mut request = place_request(&record, body.queue.unwrap_or(true));
-        request.priority = parse_priority(body.priority.as_deref())?;
-        request.fallbacks = parse_fallbacks(&body.fallbacks)?;
+        });
+        let claim = self
+            .blocking({
+                let rec = record.clone();
+                move |store| store.create_session(&rec, idem.as_ref())
+            })
+            .await;
+        match claim {
+            Ok(Claim::Inserted) => {}
+            Ok(Claim::Existing(first)) => {
+                // Another request with the same key won the race.
+                self.state().sessions.remove(&id);
+                return self.replay(&first, body_sha256);
+            }
+            Err(e) => {
+                self.state().sessions.remove(&id);
+                return Err(e);
+            }
+        }
         let started = Instant::now();
-        let outcome = self.place(&mut record, request).await;
+        let outcome = self.place(id, request).await;
         metrics::histogram!(crate::metrics::ALLOCATION_SECONDS)
             .record(started.elapsed().as_secs_f64());
-        let (created, entry) = match outcome {
-            Ok(x) => x,
+        let created = match outcome {
+            Ok(created) => created,
             Err(e) => {
+                // Never placed: forget it entirely, claim included, so a retry tries again.
+                let removed = self.state().sessions.remove(&id).is_some();
+                if removed {
+                    let tenant_id = tenant.id.clone();
+                    let key = idempotency_key.clone();
+                    let _ = self
+                        .blocking(move |store| {
+                            store.discard_session(&id, key.as_deref().map(|k| (&tenant_id, k)))
+                        })
+                        .await;
+                }
                 let outcome = match &e {
                     ServiceError::Unavailable { .. } => "unavailable",
                     _ => "rejected",
@@ -412,27 +477,12 @@ impl Broker {
                 return Err(e);
             }
         };
-        let idem = idempotency_key.map(|key| IdempotencyRecord {
-            tenant: tenant.id.clone(),
-            key,
-            request_sha256: body_sha256,
-            session_id: record.session_id,
-            created_at: now,
-        });
-        let store = self.inner.store.clone();
-        let rec = entry.record.clone();
-        let claim = tokio::task::spawn_blocking(move || store.create_session(&rec, idem.as_ref()))
-            .await
-            .map_err(|e| ServiceError::Internal(e.to_string()))?
-            .map_err(internal)?;
-        if let Claim::Existing(first) = claim {
-            // Another request with the same key won the race: undo ours, answer with theirs.
-            self.end(&entry.record.session_id, EndReason::Released, true)
-                .await;
-            return self.replay(&first, body_sha256);
-        }
-        let view = self.view_of(&entry);
-        self.state().sessions.insert(entry.record.session_id, entry);
+        let Some(view) = self.live_view(&id) else {
+            // Ended meanwhile (a DELETE raced the creation); its end is already recorded.
+            return Err(ServiceError::Conflict(format!(
+                "session {id} was ended while it was being created"
+            )));
+        };
         metrics::counter!(crate::metrics::ALLOCATIONS, "outcome" => match created {
             Created::Reserved => "reserved",
             Created::Queued => "queued",
@@ -440,6 +490,24 @@ impl Broker {
         .increment(1);
         self.publish(tenant.id.clone(), view.clone());
         Ok((created, view))
+    }
+
+    /// Runs a store call off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+    ) -> Result<T, ServiceError> {
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))?
+            .map_err(internal)
+    }
+
+    /// The view of a live session.
+    fn live_view(&self, id: &SessionId) -> Option<SessionView> {
+        let entry = self.state().sessions.get(id).cloned()?;
+        Some(self.view_of(&entry))
     }
 
     /// The answer to a retried request with a claimed idempotency key.
@@ -558,40 +626,29 @@ impl Broker {
             .ok_or_else(|| ServiceError::Internal(format!("tier {tier} has no preset")))
     }
 
-    /// Places `record` and holds its slot on the agent; up to [`PLACE_ATTEMPTS`] placements
-    /// when agents refuse.
-    async fn place(
-        &self,
-        record: &mut StoredSession,
-        request: PlaceRequest,
-    ) -> Result<(Created, Entry), ServiceError> {
+    /// Places session `id` (already tracked and stored) and holds its slot on the agent; up to
+    /// [`PLACE_ATTEMPTS`] placements when agents refuse.
+    async fn place(&self, id: SessionId, request: PlaceRequest) -> Result<Created, ServiceError> {
         let mut last_refusal = String::new();
         for _ in 0..PLACE_ATTEMPTS {
             let now = Timestamp::now();
             let decision = self.state().engine.place(request.clone(), now);
             match decision {
                 Decision::Queued(q) => {
-                    record.state = SessionState::Queued;
-                    let mut entry = Entry {
-                        record: record.clone(),
-                        token: None,
-                        whep_url: None,
-                    };
-                    entry.record.state = SessionState::Queued;
-                    tracing::info!(session_id = %record.session_id, position = q.position, "queued");
-                    return Ok((Created::Queued, entry));
+                    tracing::info!(session_id = %id, position = q.position, "queued");
+                    return Ok(Created::Queued);
                 }
                 Decision::Rejected { reason } => return Err(rejection(reason)),
-                Decision::Placed(p) => match self.reserve_on_agent(record, &p).await {
-                    Ok(entry) => return Ok((Created::Reserved, entry)),
-                    Err(why) => {
-                        tracing::warn!(session_id = %record.session_id, node = %p.node, %why, "the agent refused the reservation");
+                Decision::Placed(p) => match self.hold(&p).await {
+                    Ok(()) => return Ok(Created::Reserved),
+                    Err(Hold::Gone) => return Ok(Created::Reserved),
+                    Err(Hold::Refused(why)) => {
+                        tracing::warn!(session_id = %id, node = %p.node, %why, "the agent refused the reservation");
                         last_refusal = why;
-                        let _ = self.state().engine.release(
-                            &record.session_id,
-                            EndReason::Error,
-                            Timestamp::now(),
-                        );
+                        let _ =
+                            self.state()
+                                .engine
+                                .release(&id, EndReason::Error, Timestamp::now());
                     }
                 },
             }
@@ -600,6 +657,56 @@ impl Broker {
             detail: format!("the chosen nodes refused the session: {last_refusal}"),
             retry_after_s: Some(5),
         })
+    }
+
+    /// Reserves placement `p` on its agent and records it on the session. When the agent
+    /// does not confirm, the slot is released there too (it may have held it after all).
+    /// `Gone`: the session ended meanwhile; the agent was told to free the slot.
+    async fn hold(&self, p: &Placement) -> Result<(), Hold> {
+        let record = {
+            let mut st = self.state();
+            match st.sessions.get(&p.session_id) {
+                Some(e) => e.record.clone(),
+                None => {
+                    // Placed for a request nobody tracks any more: give the slot back.
+                    let _ = st
+                        .engine
+                        .release(&p.session_id, EndReason::Released, Timestamp::now());
+                    return Err(Hold::Gone);
+                }
+            }
+        };
+        let release = Message::Release(Release {
+            session_id: p.session_id,
+            reason: EndReason::Released,
+        });
+        let entry = match self.reserve_on_agent(&record, p).await {
+            Ok(entry) => entry,
+            Err(why) => {
+                self.send(&p.node, release).await;
+                return Err(Hold::Refused(why));
+            }
+        };
+        let updated = {
+            let mut st = self.state();
+            match st.sessions.get_mut(&p.session_id) {
+                Some(e) => {
+                    *e = entry.clone();
+                    true
+                }
+                None => false,
+            }
+        };
+        if !updated {
+            // A DELETE (or a timer) ended it while the agent was answering.
+            self.send(&p.node, release).await;
+            return Err(Hold::Gone);
+        }
+        let rec = entry.record.clone();
+        if let Err(e) = self.blocking(move |store| store.update_session(&rec)).await {
+            tracing::error!(session_id = %p.session_id, error = %e, "could not record a reservation");
+        }
+        Ok(())
     }
 
     /// Asks the placement's agent to hold the slot; on success the entry with its token.
@@ -664,9 +771,8 @@ impl Broker {
             session_id: rec.session_id,
             node_id: p.node.clone(),
             issued_at: now,
-            expires_at: now.saturating_add(Duration::from_secs(u64::from(
-                self.inner.config.timers.max_session_s,
-            ))),
+            // The token is good for as long as the session may run (reconnects included).
+            expires_at: now.saturating_add(self.max_length(&rec)),
         });
         let whep_url = link.whep_url.as_ref().map(|base| {
             format!(
@@ -697,41 +803,35 @@ impl Broker {
         v
     }
 
-    /// The session `id` of `tenant`, live or ended.
+    /// The session `id` of `tenant`, live or recently ended.
     pub fn session_view(
         &self,
         tenant: &framecast_shared::ids::TenantId,
         id: &SessionId,
     ) -> Option<SessionView> {
-        let entry = self.state().sessions.get(id).cloned();
+        let (entry, ended) = {
+            let st = self.state();
+            let entry = st.sessions.get(id).cloned();
+            let ended = if entry.is_none() {
+                let id = id.to_string();
+                st.ended
+                    .iter()
+                    .rev()
+                    .find(|(_, v)| v.session_id == id)
+                    .cloned()
+            } else {
+                None
+            };
+            (entry, ended)
+        };
+        if let Some((owner, view)) = ended {
+            return (&owner == tenant).then_some(view);
+        }
+        // Sessions ended longer ago than the last ENDED_KEPT are in the audit log (see
+        // `framecast-broker audit export`), not here.
         match entry {
             Some(e) if &e.record.tenant == tenant => Some(self.view_of(&e)),
-            Some(_) => None,
-            None => {
-                // Ended sessions live on in the audit log.
-                let audit = self.inner.store.audit(None, None).ok()?;
-                let a = audit.into_iter().rev().find(|a| &a.session_id == id)?;
-                if &a.tenant != tenant {
-                    return None;
-                }
-                Some(SessionView {
-                    session_id: a.session_id.to_string(),
-                    state: "ended".into(),
-                    end_reason: Some(a.end_reason.to_string()),
-                    game: a.game.to_string(),
-                    tier: a.tier.to_string(),
-                    genre: a.genre.to_string(),
-                    player_id: String::new(),
-                    node_id: a.node.map(|n| n.to_string()),
-                    gpu: a.gpu.map(|g| g.to_string()),
-                    whep_url: None,
-                    token: None,
-                    expires_at: None,
-                    queue_position: None,
-                    eta_seconds: None,
-                    created_at: a.created_at.rfc3339(),
-                })
-            }
+            _ => None,
         }
     }
 
@@ -855,6 +955,14 @@ impl Broker {
         entry.record.state = SessionState::Ended(reason);
         let mut view = SessionView::of(&entry.record, None, None);
         view.expires_at = None;
+        {
+            let mut st = self.state();
+            if st.ended.len() >= ENDED_KEPT {
+                st.ended.pop_front();
+            }
+            st.ended
+                .push_back((entry.record.tenant.clone(), view.clone()));
+        }
         self.publish(entry.record.tenant.clone(), view);
     }
 
@@ -908,15 +1016,30 @@ impl Broker {
         self.state().engine.cordon(node).map_err(node_error)
     }
 
-    /// `POST /v1/nodes/{id}/uncordon`.
-    pub fn uncordon(&self, node: &NodeId) -> Result<(), ServiceError> {
-        let r = self
-            .state()
-            .engine
-            .uncordon(node, Timestamp::now())
-            .map_err(node_error);
+    /// `POST /v1/nodes/{id}/uncordon`: also cancels a drain, on the agent too.
+    pub async fn uncordon(&self, node: &NodeId) -> Result<(), ServiceError> {
+        let was_draining = {
+            let mut st = self.state();
+            let draining = st.engine.node_views().iter().any(|n| {
+                &n.node_id == node
+                    && matches!(n.state, framecast_shared::state::NodeState::Draining { .. })
+            });
+            st.engine
+                .uncordon(node, Timestamp::now())
+                .map_err(node_error)?;
+            draining
+        };
+        if was_draining {
+            self.send(
+                node,
+                Message::Resume(framecast_shared::protocol::Resume {
+                    reason: "an operator uncordoned the node".into(),
+                }),
+            )
+            .await;
+        }
         self.inner.wake.notify_one();
-        r
+        Ok(())
     }
 
     /// `POST /v1/nodes/{id}/drain`: no new sessions; running ones end at `deadline`.
@@ -934,7 +1057,8 @@ impl Broker {
     }
 
     /// Runs the engine's timers and turns its events into effects; the driver calls this.
-    pub(crate) async fn tick(&self, now: Timestamp) {
+    /// Ends sessions past their maximum length; the driver calls this on its timed ticks.
+    pub(crate) async fn end_overdue(&self, now: Timestamp) {
         let too_long = {
             let st = self.state();
             past_max_length(
@@ -947,6 +1071,10 @@ impl Broker {
             tracing::info!(session_id = %id, "session reached its maximum length");
             self.end(&id, EndReason::MaxLength, true).await;
         }
+    }
+
+    /// Runs the engine's timers and turns its events into effects.
+    pub(crate) async fn tick(&self, now: Timestamp) {
         let events: Vec<EngineEvent> = {
             let mut st = self.state();
             let st = &mut *st;
@@ -989,33 +1117,23 @@ impl Broker {
                     .await;
             }
             EngineEvent::Placed(p) => {
-                let record = self
-                    .state()
-                    .sessions
-                    .get(&p.session_id)
-                    .map(|e| e.record.clone());
-                let Some(record) = record else {
-                    // Placed for a request nobody tracks any more: give the slot back.
-                    let _ = self.state().engine.release(
-                        &p.session_id,
-                        EndReason::Released,
-                        Timestamp::now(),
-                    );
-                    return;
-                };
                 let this = self.clone();
                 tokio::spawn(async move {
-                    match this.reserve_on_agent(&record, &p).await {
-                        Ok(entry) => {
-                            let view = this.view_of(&entry);
-                            let store = this.inner.store.clone();
-                            let rec = entry.record.clone();
-                            let _ =
-                                tokio::task::spawn_blocking(move || store.put_session(&rec)).await;
-                            this.state().sessions.insert(p.session_id, entry);
-                            this.publish(record.tenant.clone(), view);
+                    match this.hold(&p).await {
+                        Ok(()) => {
+                            if let Some(view) = this.live_view(&p.session_id) {
+                                let tenant = this
+                                    .state()
+                                    .sessions
+                                    .get(&p.session_id)
+                                    .map(|e| e.record.tenant.clone());
+                                if let Some(tenant) = tenant {
+                                    this.publish(tenant, view);
+                                }
+                            }
                         }
-                        Err(why) => {
+                        Err(Hold::Gone) => {}
+                        Err(Hold::Refused(why)) => {
                             tracing::warn!(session_id = %p.session_id, %why, "a session placed from the queue was refused by its agent");
                             this.end(&p.session_id, EndReason::Error, false).await;
                         }
@@ -1098,7 +1216,8 @@ fn place_request(record: &StoredSession, queue: bool) -> PlaceRequest {
     }
 }
 
-fn parse_priority(p: Option<&str>) -> Result<Priority, ServiceError> {
+/// `low`, `normal` or `high` (normal when absent).
+pub fn parse_priority(p: Option<&str>) -> Result<Priority, ServiceError> {
     match p {
         None | Some("normal") => Ok(Priority::Normal),
         Some("low") => Ok(Priority::Low),
@@ -1110,7 +1229,8 @@ fn parse_priority(p: Option<&str>) -> Result<Priority, ServiceError> {
     }
 }
 
-fn parse_fallbacks(f: &[String]) -> Result<Vec<Fallback>, ServiceError> {
+/// `next-region` and `tier-up`, in order.
+pub fn parse_fallbacks(f: &[String]) -> Result<Vec<Fallback>, ServiceError> {
     f.iter()
         .map(|s| match s.as_str() {
             "next-region" => Ok(Fallback::NextRegion),

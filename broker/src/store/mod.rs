@@ -228,6 +228,57 @@ impl Store {
         Ok(())
     }
 
+    /// Rewrites `session` only if it is stored: a session that ended meanwhile is not brought
+    /// back. Returns whether it was written.
+    pub fn update_session(&self, session: &StoredSession) -> Result<bool, StoreError> {
+        let value = encode(SESSIONS_NAME, session)?;
+        let key = session_key(&session.session_id);
+        let txn = self.db.begin_write()?;
+        let present = {
+            let mut sessions = txn.open_table(SESSIONS)?;
+            let present = sessions.get(key)?.is_some();
+            if present {
+                sessions.insert(key, value.as_slice())?;
+            }
+            present
+        };
+        txn.commit()?;
+        Ok(present)
+    }
+
+    /// Removes a session that never held a slot (its request failed) without an audit record.
+    /// Its idempotency claim, if any, is removed too, so a retry tries again.
+    pub fn discard_session(
+        &self,
+        id: &SessionId,
+        idempotency: Option<(&TenantId, &str)>,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut sessions = txn.open_table(SESSIONS)?;
+            sessions.remove(session_key(id))?;
+        }
+        if let Some((tenant, key)) = idempotency {
+            let mut claims = txn.open_table(IDEMPOTENCY)?;
+            let removed = claims.remove((tenant.as_str(), key))?;
+            let created = removed
+                .map(|row| {
+                    decode::<IdempotencyRecord>(
+                        IDEMPOTENCY_NAME,
+                        &IdempotencyKey(tenant.as_str(), key),
+                        row.value(),
+                    )
+                })
+                .transpose()?;
+            if let Some(claim) = created {
+                let mut by_time = txn.open_table(IDEMPOTENCY_BY_TIME)?;
+                by_time.remove((claim.created_at.as_millis(), tenant.as_str(), key))?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Writes a new session and, when the request carried an `Idempotency-Key`, claims it, in
     /// one transaction: either both are written ([`Claim::Inserted`]) or the key was already
     /// claimed and nothing is written ([`Claim::Existing`] with the earlier claim).

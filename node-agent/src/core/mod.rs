@@ -538,6 +538,14 @@ impl AgentState for AgentCore {
                 Vec::new()
             }
             Message::PoolPlan(_) => Vec::new(),
+            Message::Resume(_) => {
+                self.draining = None;
+                let gpus: Vec<GpuId> = self.supervisors.keys().cloned().collect();
+                for gpu in gpus {
+                    self.refresh_targets(&gpu);
+                }
+                Vec::new()
+            }
             Message::Drain(d) => {
                 self.draining = Some(d.deadline);
                 // No new sessions: warm instances would only hold slots.

@@ -23,6 +23,10 @@ pub struct BrokerConfig {
     pub region: RegionName,
     /// Where the embedded store keeps sessions, idempotency keys and the audit log.
     pub data_dir: PathBuf,
+    /// The Ed25519 key session tokens are signed with (PKCS#8 PEM, as `certs init` writes
+    /// it); `<data_dir>/token.key`, created when absent, if not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_key: Option<PathBuf>,
     /// The HTTP API.
     pub http: HttpConfig,
     /// The QUIC control plane agents connect to.
@@ -174,6 +178,7 @@ impl Default for BrokerConfig {
         Self {
             region: RegionName::new("local").unwrap_or_else(|_| unreachable!("valid literal")),
             data_dir: PathBuf::from("framecast-data"),
+            token_key: None,
             http: HttpConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
                 max_body_bytes: 64 * 1024,
@@ -459,6 +464,11 @@ impl Validate for BrokerConfig {
         }
         for (name, tier) in &self.tiers {
             tier.to_preset(name, &mut tiers);
+            if let Some(max) = tier.max_session_s {
+                tiers
+                    .section(name.as_str())
+                    .range("max_session_s", max, 60, 7 * 24 * 3600);
+            }
         }
         let mut genres = c.section("genres");
         if self.genres.is_empty() {
@@ -494,6 +504,7 @@ impl Validate for BrokerConfig {
         }
 
         let mut seen = BTreeSet::new();
+        let mut keys = BTreeSet::new();
         for (i, tenant) in self.tenants.iter().enumerate() {
             let mut t = c.section(&format!("tenants.{i}"));
             t.check(
@@ -503,6 +514,15 @@ impl Validate for BrokerConfig {
                 "must be unique among tenants",
             );
             let key = &tenant.api_key_sha256;
+            t.check(
+                keys.insert(key.to_ascii_lowercase()),
+                "api_key_sha256",
+                "<redacted>",
+                "must be unique among tenants (two tenants cannot share a key)",
+            );
+            if let Some(max) = tenant.max_session_s {
+                t.range("max_session_s", max, 60, 7 * 24 * 3600);
+            }
             t.check(
                 key.len() == 64 && key.chars().all(|ch| ch.is_ascii_hexdigit()),
                 "api_key_sha256",

@@ -157,6 +157,18 @@ fn broker_rule_table() {
             "tenants.0.api_key_sha256 = \"<redacted>\": must be 64 hex digits (the SHA-256 of the key, never the key itself)",
         ),
         (
+            "[[tenants]]\nid = \"a\"\napi_key_sha256 = \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"\n[[tenants]]\nid = \"b\"\napi_key_sha256 = \"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\"",
+            "tenants.1.api_key_sha256 = \"<redacted>\": must be unique among tenants (two tenants cannot share a key)",
+        ),
+        (
+            "[[tenants]]\nid = \"a\"\napi_key_sha256 = \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"\nmax_session_s = 0",
+            "tenants.0.max_session_s = 0: must be in 60..=604800",
+        ),
+        (
+            "[tiers.4k]\nmax_session_s = 10",
+            "tiers.4k.max_session_s = 10: must be in 60..=604800",
+        ),
+        (
             "[control.tls]\nca_cert = \"/nonexistent/ca.pem\"\ncert = \"/nonexistent/b.pem\"\nkey = \"/nonexistent/b.key\"",
             "control.tls.ca_cert = \"/nonexistent/ca.pem\": file not found",
         ),

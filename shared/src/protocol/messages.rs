@@ -38,6 +38,8 @@ pub enum Message {
     SessionUpdate(SessionUpdate),
     /// Broker → agent: take no new sessions; end the running ones at the deadline.
     Drain(Drain),
+    /// Broker → agent: an operator cancelled the drain; take sessions again.
+    Resume(Resume),
     /// Either side, last on a connection: why it is closing.
     Goodbye(Goodbye),
     /// A message type this build does not know, from a newer peer; receivers ignore it.
@@ -59,6 +61,7 @@ impl Message {
             Self::Release(_) => "release",
             Self::SessionUpdate(_) => "session-update",
             Self::Drain(_) => "drain",
+            Self::Resume(_) => "resume",
             Self::Goodbye(_) => "goodbye",
             Self::Unknown => "unknown",
         }
@@ -372,6 +375,16 @@ pub struct SessionUpdate {
 pub struct Drain {
     /// When remaining sessions are ended.
     pub deadline: Timestamp,
+}
+
+/// Broker → agent: the drain is cancelled (added in protocol version 1 as a new message type;
+/// an agent that does not know it stays draining until it restarts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct Resume {
+    /// Why, for the agent's log.
+    #[serde(default)]
+    pub reason: String,
 }
 
 /// Why a side closes the connection.
