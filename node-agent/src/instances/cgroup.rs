@@ -114,13 +114,23 @@ impl Cgroups {
         Ok(true)
     }
 
-    /// Removes an instance's cgroup after it exited (the kernel refuses while processes remain).
+    /// Removes an instance's cgroup after it exited. Whatever the game left running in it
+    /// (children that outlived their leader, even in another process group) is killed first
+    /// through `cgroup.kill` (Linux 5.14+), since the kernel refuses to remove a cgroup that
+    /// still holds processes.
     pub fn remove(&self, name: &str) -> io::Result<()> {
         let Some(root) = &self.root else {
             return Ok(());
         };
         check_name(name)?;
-        match std::fs::remove_dir(root.join(name)) {
+        let dir = root.join(name);
+        let kill = dir.join("cgroup.kill");
+        if kill.exists()
+            && let Err(e) = std::fs::write(&kill, "1")
+        {
+            tracing::warn!(cgroup = %dir.display(), error = %e, "could not kill what the instance left running");
+        }
+        match std::fs::remove_dir(&dir) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
@@ -230,5 +240,28 @@ mod tests {
             std::fs::read_dir(root.path()).unwrap().next().is_none(),
             "nothing written"
         );
+    }
+
+    #[test]
+    fn removing_an_instance_cgroup_kills_what_it_left_running() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("cgroup.controllers"), "cpu memory\n").unwrap();
+        let cg = Cgroups::detect(root.path());
+        let dir = cg
+            .prepare(
+                "instance-1",
+                Limits {
+                    cpu_millicores: 500,
+                    memory_mb: 512,
+                },
+            )
+            .unwrap()
+            .unwrap();
+        // The kernel's interface file; a plain file in the fake tree records the write.
+        std::fs::write(dir.join("cgroup.kill"), "").unwrap();
+        // The fake directory still holds files, so removing it fails as it would with a
+        // process left; the kill was written first either way.
+        let _ = cg.remove("instance-1");
+        assert_eq!(std::fs::read_to_string(dir.join("cgroup.kill")).unwrap(), "1");
     }
 }
