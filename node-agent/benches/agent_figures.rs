@@ -174,6 +174,7 @@ async fn run(reserves: u64) {
         generation: hello.generation,
         heartbeat_interval_ms: 200,
         token_public_key: vec![0; 32],
+        tiers: Vec::new(),
     });
     write_message(&mut send, &welcome, DEFAULT_MAX_FRAME)
         .await

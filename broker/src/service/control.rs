@@ -168,6 +168,7 @@ async fn connection(broker: Broker, conn: quinn::Connection) {
         generation: hello.generation,
         heartbeat_interval_ms: broker.inner.config.control.heartbeat_interval_ms,
         token_public_key: broker.token_public_key().to_vec(),
+        tiers: broker.inner.tiers.clone(),
     });
     if write(&mut send, &welcome, max_frame).await.is_err() {
         forget(&broker, &node, conn_id);

@@ -500,6 +500,10 @@ impl AgentState for AgentCore {
     }
 
     fn welcomed(&mut self, welcome: &framecast_shared::protocol::Welcome) {
+        if !welcome.tiers.is_empty() && welcome.tiers != self.tiers {
+            tracing::info!(tiers = welcome.tiers.len(), "tiers from the broker");
+            self.tiers = welcome.tiers.clone();
+        }
         match TokenVerifier::new(&welcome.token_public_key) {
             Ok(v) => self.tokens = Some(v),
             Err(e) => {
@@ -769,6 +773,7 @@ mod tests {
             generation: 5,
             heartbeat_interval_ms: 1000,
             token_public_key: broker.public_key().to_vec(),
+            tiers: Vec::new(),
         });
         assert!(matches!(
             c.verify_token(&good, T0),
@@ -791,5 +796,33 @@ mod tests {
                 Err(TokenRefusal::Invalid(_))
             ));
         }
+    }
+
+    #[test]
+    fn the_brokers_tiers_replace_the_built_in_ones() {
+        use framecast_shared::protocol::Welcome;
+        let mut c = core();
+        let mut retro = TierPreset::defaults().remove(0);
+        retro.name = TierName::new("480p").unwrap();
+        let Message::Reserve(mut r) = reserve(1, "sim-0", 0, 1000) else {
+            unreachable!()
+        };
+        r.tier = retro.name.clone();
+        let refused = c.handle(Message::Reserve(r.clone()));
+        assert!(matches!(refused.as_slice(), [Message::Rejected(_)]));
+        c.welcomed(&Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            broker_version: "test".into(),
+            region: RegionName::new("eu").unwrap(),
+            generation: 5,
+            heartbeat_interval_ms: 1000,
+            token_public_key: vec![0; 32],
+            tiers: vec![retro],
+        });
+        let taken = c.handle(Message::Reserve(r));
+        assert!(
+            matches!(taken.as_slice(), [Message::Reserved(_)]),
+            "{taken:?}"
+        );
     }
 }

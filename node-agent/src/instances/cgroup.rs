@@ -262,6 +262,9 @@ mod tests {
         // The fake directory still holds files, so removing it fails as it would with a
         // process left; the kill was written first either way.
         let _ = cg.remove("instance-1");
-        assert_eq!(std::fs::read_to_string(dir.join("cgroup.kill")).unwrap(), "1");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("cgroup.kill")).unwrap(),
+            "1"
+        );
     }
 }

@@ -73,6 +73,7 @@ pub(crate) fn welcome(generation: u64, version: u32) -> Message {
         generation,
         heartbeat_interval_ms: 50,
         token_public_key: vec![0; 32],
+        tiers: Vec::new(),
     })
 }
 

@@ -180,6 +180,11 @@ pub struct Welcome {
     /// tokens offline.
     #[serde(with = "serde_bytes_compat")]
     pub token_public_key: Vec<u8>,
+    /// The broker's quality tiers, so agents launch and check sessions of tiers configured
+    /// only on the broker. Empty from older brokers: the agent keeps its built-in tiers.
+    #[serde(default)]
+    #[cfg_attr(test, proptest(value = "Vec::new()"))]
+    pub tiers: Vec<crate::tier::TierPreset>,
 }
 
 /// Agent → broker, every heartbeat interval: liveness and what changed on the node.
