@@ -913,13 +913,37 @@ impl Broker {
     /// `tell_agent`), the store writes its audit record, and subscribers hear of it.
     pub(crate) async fn end(&self, id: &SessionId, reason: EndReason, tell_agent: bool) {
         let now = Timestamp::now();
-        let entry = {
+        let (entry, queued) = {
             let mut st = self.state();
             let _ = st.engine.release(id, reason, now);
-            st.sessions.remove(id)
+            let entry = st.sessions.remove(id);
+            // Queued while the engine's slot is freed under the same lock, so the release
+            // reaches the agent before any reservation the engine now gives that slot.
+            let queued = match (&entry, tell_agent) {
+                (Some(e), true) => e
+                    .record
+                    .node
+                    .as_ref()
+                    .is_some_and(|node| self.release_now(node, id, reason)),
+                _ => false,
+            };
+            (entry, queued)
         };
         self.inner.wake.notify_one();
-        self.finish(id, entry, reason, tell_agent, now).await;
+        self.finish(id, entry, reason, tell_agent && !queued, now)
+            .await;
+    }
+
+    /// Queues a release for the agent of `node` without waiting; false when the link is
+    /// missing or its queue is full (then the caller sends it the slow way).
+    fn release_now(&self, node: &NodeId, id: &SessionId, reason: EndReason) -> bool {
+        self.inner.links.get(node).is_some_and(|l| {
+            l.tx.try_send(Message::Release(Release {
+                session_id: *id,
+                reason,
+            }))
+            .is_ok()
+        })
     }
 
     /// What follows an end the engine already made.
@@ -1075,6 +1099,7 @@ impl Broker {
 
     /// Runs the engine's timers and turns its events into effects.
     pub(crate) async fn tick(&self, now: Timestamp) {
+        let mut released = Vec::new();
         let events: Vec<EngineEvent> = {
             let mut st = self.state();
             let st = &mut *st;
@@ -1098,21 +1123,35 @@ impl Broker {
                 .map(EngineEvent::Placed)
                 .collect();
             events.extend(std::iter::from_fn(|| st.engine.poll_event()));
+            // Releases are queued under the lock for the same reason as in `end`.
+            for e in &events {
+                if let EngineEvent::Ended {
+                    session_id,
+                    node: Some(node),
+                    reason,
+                } = e
+                    && *reason != EndReason::NodeLost
+                    && self.release_now(node, session_id, *reason)
+                {
+                    released.push(*session_id);
+                }
+            }
             events
         };
         for event in events {
-            self.on_event(event).await;
+            self.on_event(event, &released).await;
         }
     }
 
-    async fn on_event(&self, event: EngineEvent) {
+    /// Acts on an engine event; `released` lists ended sessions whose agent was told already.
+    async fn on_event(&self, event: EngineEvent, released: &[SessionId]) {
         match event {
             EngineEvent::Ended {
                 session_id, reason, ..
             } => {
                 let entry = self.state().sessions.remove(&session_id);
                 // A lost node cannot hear it; any other is told, so it frees the slot.
-                let tell = reason != EndReason::NodeLost;
+                let tell = reason != EndReason::NodeLost && !released.contains(&session_id);
                 self.finish(&session_id, entry, reason, tell, Timestamp::now())
                     .await;
             }
