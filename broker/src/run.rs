@@ -173,8 +173,7 @@ pub async fn start_with(
             config.data_dir.display()
         )
     })?;
-    let reset_secret = reset_secret(&config.data_dir)?;
-    let control = ControlPlane::bind(config.control.listen, tls, &reset_secret)?;
+    let control = ControlPlane::bind(config.control.listen, tls)?;
     let control_addr = control.local_addr()?;
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
@@ -206,34 +205,4 @@ pub async fn start_with(
         shutdown,
         tasks,
     })
-}
-
-/// The secret QUIC stateless resets are keyed with, from `quic-reset.key` in the data
-/// directory (32 random bytes, created with mode 0600 on first start).
-fn reset_secret(data_dir: &std::path::Path) -> anyhow::Result<[u8; 32]> {
-    use std::io::{Read, Write};
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = data_dir.join("quic-reset.key");
-    let mut secret = [0u8; 32];
-    match std::fs::File::open(&path) {
-        Ok(mut f) => {
-            f.read_exact(&mut secret)
-                .with_context(|| format!("reading {}", path.display()))?;
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
-                .map_err(|_| anyhow::anyhow!("no randomness for {}", path.display()))?;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            f.write_all(&secret)
-                .and_then(|()| f.sync_all())
-                .with_context(|| format!("writing {}", path.display()))?;
-        }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-    Ok(secret)
 }

@@ -54,33 +54,15 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     /// Binds `addr` with `tls` (a server config that requires client certificates).
-    ///
-    /// `reset_secret` keys QUIC's stateless resets. Kept across restarts (the broker stores
-    /// it in its data directory), it lets a restarted broker's resets close the agents' old
-    /// connections at once; a fresh random key would leave them waiting for QUIC's idle
-    /// timeout (30 s) before they reconnect.
-    pub fn bind(
-        addr: SocketAddr,
-        tls: Arc<rustls::ServerConfig>,
-        reset_secret: &[u8; 32],
-    ) -> Result<Self, ControlError> {
+    pub fn bind(addr: SocketAddr, tls: Arc<rustls::ServerConfig>) -> Result<Self, ControlError> {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| ControlError::Tls(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(Duration::from_secs(5)));
         server.transport_config(Arc::new(transport));
-        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_secret);
-        let endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
-        let bind_error = |error| ControlError::Bind { addr, error };
-        let socket = std::net::UdpSocket::bind(addr).map_err(bind_error)?;
-        let runtime = quinn::default_runtime().ok_or_else(|| {
-            bind_error(std::io::Error::other(
-                "no async runtime for the QUIC endpoint",
-            ))
-        })?;
-        let endpoint = quinn::Endpoint::new(endpoint_config, Some(server), socket, runtime)
-            .map_err(bind_error)?;
+        let endpoint = quinn::Endpoint::server(server, addr)
+            .map_err(|error| ControlError::Bind { addr, error })?;
         Ok(Self { endpoint })
     }
 
