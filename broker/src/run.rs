@@ -167,12 +167,7 @@ pub async fn start_with(
     signer: TokenSigner,
     options: RouterOptions,
 ) -> anyhow::Result<Running> {
-    let store = Store::open(&config.data_dir).with_context(|| {
-        format!(
-            "opening the store in data_dir {}",
-            config.data_dir.display()
-        )
-    })?;
+    let store = open_store(&config.data_dir).await?;
     let control = ControlPlane::bind(config.control.listen, tls)?;
     let control_addr = control.local_addr()?;
     let listener = tokio::net::TcpListener::bind(config.http.listen)
@@ -205,4 +200,23 @@ pub async fn start_with(
         shutdown,
         tasks,
     })
+}
+
+/// Opens the store, waiting up to 5 s while a broker of this process that was just stopped
+/// (its store writer still finishing) holds its lock.
+async fn open_store(data_dir: &std::path::Path) -> anyhow::Result<Store> {
+    let mut tries = 0;
+    loop {
+        match Store::open(data_dir) {
+            Err(crate::store::StoreError::Locked { .. }) if tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            other => {
+                return other.with_context(|| {
+                    format!("opening the store in data_dir {}", data_dir.display())
+                });
+            }
+        }
+    }
 }

@@ -413,10 +413,8 @@ async fn on_message(
                         .await;
                 }
                 (Ok(Some(entry)), _) => {
-                    let store = broker.inner.store.clone();
-                    let rec = entry.record.clone();
                     // Only if it is still stored: an end recorded meanwhile stays ended.
-                    let _ = tokio::task::spawn_blocking(move || store.update_session(&rec)).await;
+                    broker.write_update(entry.record.clone()).await;
                     let view = broker.view_of(&entry);
                     broker.publish(entry.record.tenant.clone(), view);
                 }

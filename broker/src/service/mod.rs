@@ -15,6 +15,7 @@ pub mod control;
 pub mod driver;
 pub mod tenants;
 pub mod view;
+mod writer;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,7 +38,7 @@ use crate::placement::{
     Decision, Engine, EngineConfig, EngineEvent, Fallback, PlaceRequest, Placement, Priority,
     RegionRtt, RejectReason, strategy,
 };
-use crate::store::{Claim, IdempotencyRecord, Store, StoredSession};
+use crate::store::{Claim, IdempotencyRecord, Store, StoredSession, Write, Written};
 use tenants::{RateLimits, Tenants};
 use view::{CreateSession, SessionView};
 
@@ -178,6 +179,8 @@ pub(crate) struct Inner {
     links: DashMap<NodeId, Link>,
     seen: DashMap<NodeId, Seen>,
     store: Store,
+    /// Every store write goes through it (group commit).
+    writer: writer::StoreWriter,
     signer: TokenSigner,
     events: broadcast::Sender<SessionEvent>,
     pending: DashMap<u64, oneshot::Sender<Answer>>,
@@ -248,6 +251,8 @@ impl Broker {
                 }),
                 links: DashMap::new(),
                 seen: DashMap::new(),
+                writer: writer::StoreWriter::start(store.clone())
+                    .map_err(|e| ServiceError::Internal(format!("store writer: {e}")))?,
                 store,
                 signer,
                 events,
@@ -434,17 +439,23 @@ impl Broker {
             created_at: now,
         });
         let claim = self
-            .blocking({
-                let rec = record.clone();
-                move |store| store.create_session(&rec, idem.as_ref())
+            .write(Write::Create {
+                session: record.clone(),
+                idempotency: idem,
             })
             .await;
         match claim {
-            Ok(Claim::Inserted) => {}
-            Ok(Claim::Existing(first)) => {
+            Ok(Written::Created(Claim::Inserted)) => {}
+            Ok(Written::Created(Claim::Existing(first))) => {
                 // Another request with the same key won the race.
                 self.state().sessions.remove(&id);
                 return self.replay(&first, body_sha256);
+            }
+            Ok(other) => {
+                self.state().sessions.remove(&id);
+                return Err(ServiceError::Internal(format!(
+                    "unexpected store answer {other:?}"
+                )));
             }
             Err(e) => {
                 self.state().sessions.remove(&id);
@@ -461,11 +472,10 @@ impl Broker {
                 // Never placed: forget it entirely, claim included, so a retry tries again.
                 let removed = self.state().sessions.remove(&id).is_some();
                 if removed {
-                    let tenant_id = tenant.id.clone();
-                    let key = idempotency_key.clone();
                     let _ = self
-                        .blocking(move |store| {
-                            store.discard_session(&id, key.as_deref().map(|k| (&tenant_id, k)))
+                        .write(Write::Discard {
+                            id,
+                            idempotency: idempotency_key.clone().map(|k| (tenant.id.clone(), k)),
                         })
                         .await;
                 }
@@ -492,16 +502,17 @@ impl Broker {
         Ok((created, view))
     }
 
-    /// Runs a store call off the async threads.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
-    ) -> Result<T, ServiceError> {
-        let store = self.inner.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| ServiceError::Internal(e.to_string()))?
-            .map_err(internal)
+    /// Writes to the store through the group-commit writer.
+    async fn write(&self, write: Write) -> Result<Written, ServiceError> {
+        self.inner.writer.write(write).await.map_err(internal)
+    }
+
+    /// Records the session's current state, if it is still stored.
+    pub(crate) async fn write_update(&self, record: StoredSession) {
+        let id = record.session_id;
+        if let Err(e) = self.write(Write::Update(record)).await {
+            tracing::error!(session_id = %id, error = %e, "could not record a session's state");
+        }
     }
 
     /// The view of a live session.
@@ -702,10 +713,7 @@ impl Broker {
             self.send(&p.node, release).await;
             return Err(Hold::Gone);
         }
-        let rec = entry.record.clone();
-        if let Err(e) = self.blocking(move |store| store.update_session(&rec)).await {
-            tracing::error!(session_id = %p.session_id, error = %e, "could not record a reservation");
-        }
+        self.write_update(entry.record.clone()).await;
         Ok(())
     }
 
@@ -966,12 +974,15 @@ impl Broker {
             )
             .await;
         }
-        let store = self.inner.store.clone();
-        let sid = *id;
-        let written =
-            tokio::task::spawn_blocking(move || store.end_session(&sid, now, reason)).await;
-        if !matches!(written, Ok(Ok(_))) {
-            tracing::error!(session_id = %id, result = ?written, "could not record the end of a session");
+        let written = self
+            .write(Write::End {
+                id: *id,
+                at: now,
+                reason,
+            })
+            .await;
+        if let Err(e) = written {
+            tracing::error!(session_id = %id, error = %e, "could not record the end of a session");
         }
         metrics::counter!(crate::metrics::SESSIONS_ENDED, "reason" => reason.to_string())
             .increment(1);

@@ -24,6 +24,7 @@
 //! one write transaction runs at a time). The async broker calls them through
 //! `tokio::task::spawn_blocking`; [`Store`] is a cheap clone to move into the closure.
 
+pub mod batch;
 pub mod export;
 pub mod records;
 
@@ -42,6 +43,7 @@ use framecast_shared::ids::{SessionId, TenantId};
 use framecast_shared::state::EndReason;
 use framecast_shared::time::Timestamp;
 
+pub use batch::{Write, Written};
 pub use export::{ExportFormat, UnknownExportFormat, export};
 pub use records::{AuditRecord, IdempotencyRecord, StoredSession};
 
@@ -103,6 +105,9 @@ pub enum StoreError {
     /// reading).
     #[error("store operation failed: {0}")]
     Storage(Box<redb::Error>),
+    /// The broker's writer thread is gone (the broker is stopping).
+    #[error("the store writer has stopped")]
+    WriterStopped,
     /// A stored row could not be decoded into its record type.
     #[error("cannot decode the row {key} of table `{table}`: {detail}")]
     Decode {

@@ -1,0 +1,60 @@
+//! The broker's one store writer: a thread that commits whatever writes are waiting in one
+//! transaction (group commit, see `store::batch`), so allocations are not bound by one disk
+//! sync each. It stops when the broker drops its last handle.
+
+use std::sync::mpsc;
+
+use tokio::sync::oneshot;
+
+use crate::store::{Store, StoreError, Write, Written};
+
+/// Writes gathered into one transaction at most.
+const MAX_BATCH: usize = 512;
+
+type Job = (Write, oneshot::Sender<Result<Written, StoreError>>);
+
+/// A handle to the writer thread.
+#[derive(Debug, Clone)]
+pub(crate) struct StoreWriter {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl StoreWriter {
+    /// Starts the writer thread over `store`.
+    pub(crate) fn start(store: Store) -> std::io::Result<Self> {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || {
+                // Ends when every sender is gone, dropping its handle on the store.
+                while let Ok(first) = rx.recv() {
+                    let mut writes = vec![first.0];
+                    let mut replies = vec![first.1];
+                    while writes.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok((w, r)) => {
+                                writes.push(w);
+                                replies.push(r);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let results = store.write_batch(&writes);
+                    for (reply, result) in replies.into_iter().zip(results) {
+                        // The caller may have given up (its request was cancelled).
+                        let _ = reply.send(result);
+                    }
+                }
+            })?;
+        Ok(Self { jobs })
+    }
+
+    /// Applies `write` durably; returns when it is on disk.
+    pub(crate) async fn write(&self, write: Write) -> Result<Written, StoreError> {
+        let (reply, done) = oneshot::channel();
+        self.jobs
+            .send((write, reply))
+            .map_err(|_| StoreError::WriterStopped)?;
+        done.await.map_err(|_| StoreError::WriterStopped)?
+    }
+}
