@@ -40,22 +40,7 @@ async fn dev_with(nodes: usize, gpus: u32, tune: Option<fn(&mut BrokerConfig)>) 
     .await
     .unwrap();
     // The agents connect in the background; wait until the broker knows them.
-    let addr = dev.broker().http;
-    timeout(LIMIT, async {
-        loop {
-            let r = get(addr, "/v1/nodes").await;
-            if r.status == 200
-                && r.json()
-                    .as_array()
-                    .is_some_and(|n| n.len() == nodes && n.iter().all(|n| n["connected"] == true))
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the agents connect");
+    all_connected(dev.broker().http, nodes).await;
     dev
 }
 
