@@ -1483,6 +1483,7 @@ impl AgentState for BenchAgent {
             gpus: self.usage.clone(),
             warm: None,
             plan_generation: None,
+            inputs: Vec::new(),
         }
     }
 

@@ -1024,6 +1024,7 @@ fn warm_instances_follow_the_heartbeats() {
         }],
         warm,
         plan_generation: None,
+        inputs: Vec::new(),
     };
     let node = NodeId::new("n1").unwrap();
     e.observe_heartbeat(&node, &heartbeat(1, Some(vec![warm(3)])), T0)

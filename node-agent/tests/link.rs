@@ -75,6 +75,7 @@ impl AgentState for TestAgent {
             gpus: Vec::new(),
             warm: None,
             plan_generation: None,
+            inputs: Vec::new(),
         }
     }
 

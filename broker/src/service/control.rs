@@ -369,6 +369,7 @@ async fn on_message(
                 seen.suspect = false;
                 seen.down = false;
             }
+            broker.observe_inputs(node, &hb.inputs);
             let r = broker.state().engine.observe_heartbeat(node, &hb, now);
             if let Err(e) = r {
                 tracing::warn!(node_id = %node, error = %e, "heartbeat not applied");

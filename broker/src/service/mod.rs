@@ -119,6 +119,8 @@ struct Entry {
     record: StoredSession,
     token: Option<String>,
     whep_url: Option<String>,
+    /// The player's last input, as the agent reported it.
+    last_input: Option<Timestamp>,
 }
 
 /// A connected agent.
@@ -327,6 +329,7 @@ impl Broker {
                     record,
                     token: None,
                     whep_url: None,
+                    last_input: None,
                 },
             );
         }
@@ -428,6 +431,7 @@ impl Broker {
                     record: record.clone(),
                     token: None,
                     whep_url: None,
+                    last_input: None,
                 },
             );
         }
@@ -794,6 +798,7 @@ impl Broker {
             record: rec,
             token: Some(token),
             whep_url,
+            last_input: None,
         })
     }
 
@@ -1092,8 +1097,42 @@ impl Broker {
     }
 
     /// Runs the engine's timers and turns its events into effects; the driver calls this.
-    /// Ends sessions past their maximum length; the driver calls this on its timed ticks.
+    /// Records the player input times `node`'s agent reported (for its own sessions only).
+    pub(crate) fn observe_inputs(
+        &self,
+        node: &NodeId,
+        inputs: &[framecast_shared::protocol::SessionInput],
+    ) {
+        if inputs.is_empty() {
+            return;
+        }
+        let mut st = self.state();
+        for i in inputs {
+            if let Some(e) = st
+                .sessions
+                .get_mut(&i.session_id)
+                .filter(|e| e.record.node.as_ref() == Some(node))
+            {
+                e.last_input = Some(e.last_input.map_or(i.at, |t| t.max(i.at)));
+            }
+        }
+    }
+
+    /// Ends sessions past their maximum length or idle for longer than the idle timeout; the
+    /// driver calls this on its timed ticks.
     pub(crate) async fn end_overdue(&self, now: Timestamp) {
+        let idle = {
+            let st = self.state();
+            past_idle_timeout(
+                &self.inner.config,
+                st.sessions.values().map(|e| (&e.record, e.last_input)),
+                now,
+            )
+        };
+        for id in idle {
+            tracing::info!(session_id = %id, "session idle past the idle timeout");
+            self.end(&id, EndReason::Idle, true).await;
+        }
         let too_long = {
             let st = self.state();
             past_max_length(
@@ -1229,6 +1268,23 @@ pub fn max_length(config: &BrokerConfig, record: &StoredSession) -> Duration {
         .min()
         .unwrap_or(config.timers.max_session_s);
     Duration::from_secs(u64::from(secs))
+}
+
+/// Playing sessions whose player sent no input (since it started playing, when none was
+/// reported) for `timers.idle_timeout_s` at `now`.
+fn past_idle_timeout<'a>(
+    config: &BrokerConfig,
+    sessions: impl Iterator<Item = (&'a StoredSession, Option<Timestamp>)>,
+    now: Timestamp,
+) -> Vec<SessionId> {
+    let timeout = Duration::from_secs(u64::from(config.timers.idle_timeout_s));
+    sessions
+        .filter(|(r, _)| r.state == SessionState::Active)
+        .filter_map(|(r, input)| {
+            let since = input.or(r.active_at)?;
+            (now.saturating_since(since) >= timeout).then_some(r.session_id)
+        })
+        .collect()
 }
 
 /// Sessions in `sessions` that have run past their maximum length at `now`.
@@ -1392,5 +1448,33 @@ mod tests {
         ];
         let over = past_max_length(&config, rs.iter(), Timestamp::from_millis(1_800_000));
         assert_eq!(over, vec![rs[0].session_id]);
+    }
+
+    #[test]
+    fn playing_sessions_without_input_for_the_idle_timeout_end() {
+        let mut config = BrokerConfig::default();
+        config.timers.idle_timeout_s = 600;
+        let at = |s: u64| Timestamp::from_millis(s * 1000);
+        let mut playing = record("720p", "acme", Some(0));
+        playing.active_at = Some(at(10));
+        let mut with_input = playing.clone();
+        with_input.session_id = SessionId::new(at(1), 99);
+        let mut reserved = playing.clone();
+        reserved.session_id = SessionId::new(at(1), 98);
+        reserved.state = SessionState::Reserved;
+        let sessions = [
+            (&playing, None),
+            (&with_input, Some(at(500))),
+            (&reserved, None),
+        ];
+        // 610 s: 600 s since the first started playing; the second had input at 500 s; the
+        // third is not playing.
+        let idle = past_idle_timeout(&config, sessions.iter().copied(), at(610));
+        assert_eq!(idle, vec![playing.session_id]);
+        assert!(past_idle_timeout(&config, sessions.iter().copied(), at(609)).is_empty());
+        assert_eq!(
+            past_idle_timeout(&config, sessions.iter().copied(), at(1100)).len(),
+            2
+        );
     }
 }

@@ -496,6 +496,8 @@ impl AgentState for AgentCore {
                 .collect(),
             warm: Some(self.warm_instances()),
             plan_generation: Some(self.plan_generation),
+            // Player input arrives with the streaming pipeline; until then none is reported.
+            inputs: Vec::new(),
         }
     }
 

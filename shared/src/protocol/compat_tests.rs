@@ -133,6 +133,7 @@ fn absent_optional_fields_read_as_none() {
         }],
         warm: None,
         plan_generation: None,
+        inputs: Vec::new(),
     });
     let mut value = to_value(&heartbeat);
     let Value::Map(top) = &mut value else {

@@ -212,6 +212,21 @@ pub struct Heartbeat {
     /// was built).
     #[serde(default)]
     pub plan_generation: Option<u64>,
+    /// When each playing session last got input from its player, for the broker's idle
+    /// timeout (sessions with no input since the last heartbeat may be left out).
+    #[serde(default)]
+    #[cfg_attr(test, proptest(strategy = "crate::test_support::small_vec()"))]
+    pub inputs: Vec<SessionInput>,
+}
+
+/// A session's latest player input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct SessionInput {
+    /// The session.
+    pub session_id: SessionId,
+    /// When its player's last input arrived.
+    pub at: Timestamp,
 }
 
 /// Free capacity of one GPU at a heartbeat.
