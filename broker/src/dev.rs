@@ -76,11 +76,17 @@ struct DevAgent {
 
 impl Dev {
     /// The broker.
+    ///
+    /// # Panics
+    ///
+    /// After a [`Dev::restart_broker`] that returned an error (the deployment has no broker
+    /// then; stop it).
+    // A harness for dev mode and tests, where a deployment that lost its broker is a failed run.
+    #[allow(clippy::panic)]
     pub fn broker(&self) -> &Running {
-        // Only `restart_broker` takes it out, and it always puts one back before returning.
         self.broker
             .as_ref()
-            .unwrap_or_else(|| unreachable!("a dev deployment always has a broker"))
+            .unwrap_or_else(|| panic!("the dev broker failed to restart; stop the deployment"))
     }
 
     /// Stops the agents, then the broker.
