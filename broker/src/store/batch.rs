@@ -69,12 +69,16 @@ impl Store {
     pub fn write_batch(&self, writes: &[Write]) -> Vec<Result<Written, StoreError>> {
         match self.try_batch(writes) {
             Ok(done) => done.into_iter().map(Ok).collect(),
-            Err(_) if writes.len() > 1 => writes
-                .iter()
-                .map(|w| self.try_batch(std::slice::from_ref(w)).map(first))
-                .collect(),
+            Err(_) if writes.len() > 1 => {
+                writes.iter().map(|w| self.write_one(w.clone())).collect()
+            }
             Err(e) => vec![Err(e)],
         }
+    }
+
+    /// Applies one write in a transaction of its own.
+    pub(super) fn write_one(&self, write: Write) -> Result<Written, StoreError> {
+        self.try_batch(std::slice::from_ref(&write)).map(first)
     }
 
     fn try_batch(&self, writes: &[Write]) -> Result<Vec<Written>, StoreError> {

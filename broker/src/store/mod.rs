@@ -236,19 +236,10 @@ impl Store {
     /// Rewrites `session` only if it is stored: a session that ended meanwhile is not brought
     /// back. Returns whether it was written.
     pub fn update_session(&self, session: &StoredSession) -> Result<bool, StoreError> {
-        let value = encode(SESSIONS_NAME, session)?;
-        let key = session_key(&session.session_id);
-        let txn = self.db.begin_write()?;
-        let present = {
-            let mut sessions = txn.open_table(SESSIONS)?;
-            let present = sessions.get(key)?.is_some();
-            if present {
-                sessions.insert(key, value.as_slice())?;
-            }
-            present
-        };
-        txn.commit()?;
-        Ok(present)
+        match self.write_one(Write::Update(session.clone()))? {
+            Written::Updated(present) => Ok(present),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Removes a session that never held a slot (its request failed) without an audit record.
@@ -258,30 +249,11 @@ impl Store {
         id: &SessionId,
         idempotency: Option<(&TenantId, &str)>,
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut sessions = txn.open_table(SESSIONS)?;
-            sessions.remove(session_key(id))?;
-        }
-        if let Some((tenant, key)) = idempotency {
-            let mut claims = txn.open_table(IDEMPOTENCY)?;
-            let removed = claims.remove((tenant.as_str(), key))?;
-            let created = removed
-                .map(|row| {
-                    decode::<IdempotencyRecord>(
-                        IDEMPOTENCY_NAME,
-                        &IdempotencyKey(tenant.as_str(), key),
-                        row.value(),
-                    )
-                })
-                .transpose()?;
-            if let Some(claim) = created {
-                let mut by_time = txn.open_table(IDEMPOTENCY_BY_TIME)?;
-                by_time.remove((claim.created_at.as_millis(), tenant.as_str(), key))?;
-            }
-        }
-        txn.commit()?;
-        Ok(())
+        self.write_one(Write::Discard {
+            id: *id,
+            idempotency: idempotency.map(|(t, k)| (t.clone(), k.to_owned())),
+        })
+        .map(|_| ())
     }
 
     /// Writes a new session and, when the request carried an `Idempotency-Key`, claims it, in
@@ -294,20 +266,13 @@ impl Store {
         session: &StoredSession,
         idempotency: Option<&IdempotencyRecord>,
     ) -> Result<Claim, StoreError> {
-        let value = encode(SESSIONS_NAME, session)?;
-        let txn = self.db.begin_write()?;
-        if let Some(record) = idempotency
-            && let Some(existing) = claim_in(&txn, record)?
-        {
-            txn.abort()?;
-            return Ok(Claim::Existing(existing));
+        match self.write_one(Write::Create {
+            session: session.clone(),
+            idempotency: idempotency.cloned(),
+        })? {
+            Written::Created(claim) => Ok(claim),
+            other => Err(unexpected(other)),
         }
-        {
-            let mut sessions = txn.open_table(SESSIONS)?;
-            sessions.insert(session_key(&session.session_id), value.as_slice())?;
-        }
-        txn.commit()?;
-        Ok(Claim::Inserted)
     }
 
     /// The live session `id`, if it is stored.
@@ -346,26 +311,14 @@ impl Store {
         ended_at: Timestamp,
         reason: EndReason,
     ) -> Result<Option<AuditRecord>, StoreError> {
-        let key = session_key(id);
-        let txn = self.db.begin_write()?;
-        let removed: Option<StoredSession> = {
-            let mut sessions = txn.open_table(SESSIONS)?;
-            let row = sessions.remove(key)?;
-            row.map(|row| decode(SESSIONS_NAME, &SessionKey(key), row.value()))
-                .transpose()?
-        };
-        let Some(session) = removed else {
-            txn.abort()?;
-            return Ok(None);
-        };
-        let record = AuditRecord::from_session(&session, ended_at, reason);
-        let value = encode(AUDIT_NAME, &record)?;
-        {
-            let mut audit = txn.open_table(AUDIT)?;
-            audit.insert((ended_at.as_millis(), key), value.as_slice())?;
+        match self.write_one(Write::End {
+            id: *id,
+            at: ended_at,
+            reason,
+        })? {
+            Written::Ended(audit) => Ok(audit),
+            other => Err(unexpected(other)),
         }
-        txn.commit()?;
-        Ok(Some(record))
     }
 
     /// The claim on `key` by `tenant`, if there is one (expired claims stay until
@@ -525,6 +478,14 @@ fn claim_in(
     let mut by_time = txn.open_table(IDEMPOTENCY_BY_TIME)?;
     by_time.insert((record.created_at.as_millis(), tenant, key), ())?;
     Ok(None)
+}
+
+/// A single write answered with another kind of result: a bug in `batch::apply`.
+fn unexpected(written: Written) -> StoreError {
+    StoreError::Encode {
+        table: SESSIONS_NAME,
+        detail: format!("the store answered {written:?} to another kind of write"),
+    }
 }
 
 /// The sessions table's key: the UUIDv7's bytes, whose first 48 bits are the creation time.
