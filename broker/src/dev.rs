@@ -222,7 +222,14 @@ pub async fn start_dev(options: DevOptions) -> anyhow::Result<Dev> {
         let cert_path = pki.join(format!("{name}.pem"));
         let key_path = pki.join(format!("{name}.key"));
         write(&cert_path, &cert.cert_pem)?;
-        write_private(&key_path, &cert.key_pem)?;
+        // A dev data dir given with --data-dir may hold the keys of an earlier run.
+        framecast_shared::token::write_file(
+            &key_path,
+            cert.key_pem.as_bytes(),
+            framecast_shared::token::PRIVATE_KEY_MODE,
+            true,
+        )
+        .with_context(|| format!("writing {}", key_path.display()))?;
         let mut agent = AgentConfig {
             node_id: Some(NodeId::new(&name)?),
             region: broker.broker.config().region.clone(),
@@ -260,20 +267,6 @@ pub async fn start_dev(options: DevOptions) -> anyhow::Result<Dev> {
         token_key,
         _temp: temp,
     })
-}
-
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(text.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn write(path: &Path, text: &str) -> anyhow::Result<()> {

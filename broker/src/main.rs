@@ -13,8 +13,8 @@ use framecast_broker::store::{ExportFormat, Store, export};
 use framecast_shared::config::cli::{CheckConfigArgs, report};
 use framecast_shared::config::{BrokerConfig, ConfigArgs};
 use framecast_shared::time::Timestamp;
-use framecast_shared::tls;
 use framecast_shared::token::TokenSigner;
+use framecast_shared::{ops, tls};
 
 /// Framecast session broker: places cloud-gaming sessions on shared GPUs.
 #[derive(Debug, Parser)]
@@ -218,7 +218,7 @@ async fn serve(config: BrokerConfig, token_key: Option<PathBuf>) -> anyhow::Resu
     let signer = TokenSigner::load_or_create(&key_path)
         .with_context(|| format!("the token key {}", key_path.display()))?;
     let running = framecast_broker::run::start(config, Arc::new(server), signer).await?;
-    terminated().await;
+    ops::terminated().await;
     tracing::info!("shutting down");
     running.stop().await;
     Ok(())
@@ -236,7 +236,7 @@ async fn dev(options: DevOptions) -> anyhow::Result<()> {
          Ctrl-C stops it.",
         key = dev.api_key
     ));
-    terminated().await;
+    ops::terminated().await;
     dev.stop().await;
     Ok(())
 }
@@ -256,22 +256,6 @@ fn audit_export(
     let mut out = stdout.lock();
     export(&records, format, &mut out).context("writing the export")?;
     Ok(())
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn terminated() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 #[allow(clippy::print_stdout)] // the command's output

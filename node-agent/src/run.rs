@@ -31,7 +31,7 @@ use crate::vgpu::{GpuHandle, VgpuBackend, VgpuPool, sysfs_pci};
 pub async fn run(config: AgentConfig, simulate: Option<&Path>) -> anyhow::Result<()> {
     let (stop_tx, stop) = watch::channel(false);
     tokio::spawn(async move {
-        terminated().await;
+        ops::terminated().await;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
     });
@@ -263,23 +263,6 @@ async fn ops_endpoint(
             tracing::error!(error = %e, "operations endpoint failed");
         }
     }))
-}
-
-/// Resolves on SIGINT or SIGTERM (what systemd and Kubernetes send).
-async fn terminated() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the agent");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 /// The host name, as a node id.

@@ -121,6 +121,23 @@ pub async fn serve(
         .await
 }
 
+/// Resolves on SIGINT or SIGTERM (what systemd and Kubernetes send to stop a service).
+pub async fn terminated() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the process");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 /// How often histograms are folded in between scrapes, so they do not grow without bound.
 pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 

@@ -84,7 +84,7 @@ pub const PUBLIC_KEY_LEN: usize = 32;
 const SIGNATURE_LEN: usize = 64;
 
 /// The mode of a private key file: the owner may read and write it, nobody else anything.
-pub(crate) const PRIVATE_KEY_MODE: u32 = 0o600;
+pub const PRIVATE_KEY_MODE: u32 = 0o600;
 
 /// What a session token grants: one session, on one node, until a time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -426,7 +426,7 @@ pub(crate) fn pem_encode(label: &str, der: &[u8]) -> String {
 /// is an `AlreadyExists` error unless `replace`, when it (or a link at `path`) is removed
 /// first, so the new file never inherits an old one's mode. A file whose write failed is
 /// removed.
-pub(crate) fn write_file(path: &Path, contents: &[u8], mode: u32, replace: bool) -> io::Result<()> {
+pub fn write_file(path: &Path, contents: &[u8], mode: u32, replace: bool) -> io::Result<()> {
     if replace {
         match fs::remove_file(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
