@@ -96,60 +96,13 @@ fn main() {
     runtime.block_on(run(reserves));
 }
 
-fn write_config(dir: &std::path::Path, pki: &common::Pki, broker: std::net::SocketAddr) {
-    for (name, text) in [
-        ("ca.pem", &pki.ca.cert.cert_pem),
-        ("agent.pem", &pki.agent.cert_pem),
-        ("agent.key", &pki.agent.key_pem),
-    ] {
-        std::fs::write(dir.join(name), text).unwrap();
-    }
-    std::fs::write(
-        dir.join("gpus.toml"),
-        format!("[[gpus]]\nmodel = \"l4\"\ncount = {GPUS}\n"),
-    )
-    .unwrap();
-    let config = format!(
-        r#"node_id = "bench-host"
-region = "eu"
-data_dir = {data:?}
-
-[broker]
-address = "{broker}"
-server_name = "localhost"
-max_frame_bytes = 1048576
-
-[broker.tls]
-ca_cert = {ca:?}
-cert = {cert:?}
-key = {key:?}
-
-[inventory]
-source = "simulated"
-simulate = {gpus:?}
-
-[vgpu]
-backend = "simulated"
-sysfs_root = "/sys"
-
-[http]
-listen = "127.0.0.1:{port}"
-"#,
-        data = dir.join("data"),
-        ca = dir.join("ca.pem"),
-        cert = dir.join("agent.pem"),
-        key = dir.join("agent.key"),
-        gpus = dir.join("gpus.toml"),
-        port = common::free_port(),
-    );
-    std::fs::write(dir.join("agent.toml"), config).unwrap();
-}
-
 async fn run(reserves: u64) {
     let pki = common::pki();
     let (endpoint, addr) = common::test_broker(&pki);
     let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path(), &pki, addr);
+    let http = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let gpus = format!("[[gpus]]\nmodel = \"l4\"\ncount = {GPUS}\n");
+    common::write_agent_config(dir.path(), &pki, addr, http, &gpus, "");
     let agent = Agent(
         Command::new(env!("CARGO_BIN_EXE_framecast-agent"))
             .args([
@@ -157,7 +110,12 @@ async fn run(reserves: u64) {
                 "--config",
                 dir.path().join("agent.toml").to_str().unwrap(),
             ])
-            .env_remove("FRAMECAST_CONFIG")
+            // The agent reads FRAMECAST_* variables as configuration; the benchmark's own
+            // (FRAMECAST_BENCH_*) would be unknown fields to it.
+            .env_clear()
+            .envs(
+                std::env::vars_os().filter(|(k, _)| !k.to_string_lossy().starts_with("FRAMECAST_")),
+            )
             .env("FRAMECAST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

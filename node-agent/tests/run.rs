@@ -25,7 +25,7 @@ use framecast_shared::protocol::{DEFAULT_MAX_FRAME, Message, PROTOCOL_VERSION, R
 use framecast_shared::time::Timestamp;
 use framecast_shared::units::{ComputeShare, EncoderUnits, Megabytes};
 
-use common::{Pki, accept, free_port, http_get, pki, test_broker, welcome};
+use common::{Pki, accept, free_port, http_get, pki, test_broker, welcome, write_agent_config};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -39,8 +39,11 @@ impl Drop for Agent {
     }
 }
 
+/// Two L4s and an RTX 4090.
+const GPUS: &str = "[[gpus]]\nmodel = \"l4\"\ncount = 2\n\n[[gpus]]\nmodel = \"rtx 4090\"\n";
+
 fn write_config(dir: &Path, pki: &Pki, broker: SocketAddr, http: SocketAddr) -> PathBuf {
-    write_config_with(dir, pki, broker, http, "")
+    write_agent_config(dir, pki, broker, http, GPUS, "")
 }
 
 fn write_config_with(
@@ -50,54 +53,7 @@ fn write_config_with(
     http: SocketAddr,
     extra: &str,
 ) -> PathBuf {
-    for (name, text) in [
-        ("ca.pem", &pki.ca.cert.cert_pem),
-        ("agent.pem", &pki.agent.cert_pem),
-        ("agent.key", &pki.agent.key_pem),
-    ] {
-        std::fs::write(dir.join(name), text).unwrap();
-    }
-    std::fs::write(
-        dir.join("gpus.toml"),
-        "[[gpus]]\nmodel = \"l4\"\ncount = 2\n\n[[gpus]]\nmodel = \"rtx 4090\"\n",
-    )
-    .unwrap();
-    let config = format!(
-        r#"node_id = "gpu-host-1"
-region = "eu"
-data_dir = {data:?}
-
-[broker]
-address = "{broker}"
-server_name = "localhost"
-max_frame_bytes = 1048576
-
-[broker.tls]
-ca_cert = {ca:?}
-cert = {cert:?}
-key = {key:?}
-
-[inventory]
-source = "simulated"
-simulate = {gpus:?}
-
-[vgpu]
-backend = "simulated"
-sysfs_root = "/sys"
-
-[http]
-listen = "{http}"
-{extra}
-"#,
-        data = dir.join("data"),
-        ca = dir.join("ca.pem"),
-        cert = dir.join("agent.pem"),
-        key = dir.join("agent.key"),
-        gpus = dir.join("gpus.toml"),
-    );
-    let path = dir.join("agent.toml");
-    std::fs::write(&path, config).unwrap();
-    path
+    write_agent_config(dir, pki, broker, http, GPUS, extra)
 }
 
 fn start(config: &Path) -> Agent {

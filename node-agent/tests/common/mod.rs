@@ -105,3 +105,60 @@ pub(crate) fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Writes the PKI's CA and agent files, a `gpus.toml` of `gpus`, and an `agent.toml` for node
+/// `gpu-host-1` on simulated GPUs dialling `broker`, with `/metrics` on `http` and `extra`
+/// appended; returns the config's path.
+pub(crate) fn write_agent_config(
+    dir: &std::path::Path,
+    pki: &Pki,
+    broker: SocketAddr,
+    http: SocketAddr,
+    gpus: &str,
+    extra: &str,
+) -> std::path::PathBuf {
+    for (name, text) in [
+        ("ca.pem", &pki.ca.cert.cert_pem),
+        ("agent.pem", &pki.agent.cert_pem),
+        ("agent.key", &pki.agent.key_pem),
+    ] {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    std::fs::write(dir.join("gpus.toml"), gpus).unwrap();
+    let config = format!(
+        r#"node_id = "gpu-host-1"
+region = "eu"
+data_dir = {data:?}
+
+[broker]
+address = "{broker}"
+server_name = "localhost"
+max_frame_bytes = 1048576
+
+[broker.tls]
+ca_cert = {ca:?}
+cert = {cert:?}
+key = {key:?}
+
+[inventory]
+source = "simulated"
+simulate = {gpus:?}
+
+[vgpu]
+backend = "simulated"
+sysfs_root = "/sys"
+
+[http]
+listen = "{http}"
+{extra}
+"#,
+        data = dir.join("data"),
+        ca = dir.join("ca.pem"),
+        cert = dir.join("agent.pem"),
+        key = dir.join("agent.key"),
+        gpus = dir.join("gpus.toml"),
+    );
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
