@@ -1060,10 +1060,15 @@ impl Broker {
     pub async fn uncordon(&self, node: &NodeId) -> Result<(), ServiceError> {
         let was_draining = {
             let mut st = self.state();
-            let draining = st.engine.node_views().iter().any(|n| {
-                &n.node_id == node
-                    && matches!(n.state, framecast_shared::state::NodeState::Draining { .. })
-            });
+            // One node's state, not a view of the whole fleet.
+            let fleet = st.engine.fleet();
+            let draining = fleet
+                .node_idx
+                .get(node)
+                .and_then(|&i| fleet.node(i))
+                .is_some_and(|n| {
+                    matches!(n.state, framecast_shared::state::NodeState::Draining { .. })
+                });
             st.engine
                 .uncordon(node, Timestamp::now())
                 .map_err(node_error)?;
