@@ -123,7 +123,7 @@ impl Dev {
                 config,
                 Arc::clone(&self.tls),
                 signer,
-                RouterOptions { status_page: true },
+                RouterOptions::dev(&self.api_key),
             )
             .await?,
         );
@@ -206,7 +206,7 @@ pub async fn start_dev(options: DevOptions) -> anyhow::Result<Dev> {
         config.clone(),
         Arc::clone(&tls),
         signer,
-        RouterOptions { status_page: true },
+        RouterOptions::dev(&options.api_key),
     )
     .await?;
 
@@ -248,6 +248,8 @@ pub async fn start_dev(options: DevOptions) -> anyhow::Result<Dev> {
         agent.vgpu.backend = VgpuBackendKind::Simulated;
         agent.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         agent.whep.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        // The player's browser runs on this host, possibly with nothing but loopback.
+        agent.whep.loopback_candidates = true;
         let (stop, stop_rx) = watch::channel(false);
         let node = NodeId::new(&name)?;
         agents.push(DevAgent {

@@ -51,7 +51,7 @@ enum Command {
         /// A gpus.toml describing each node's simulated GPUs.
         #[arg(long, value_name = "FILE", conflicts_with = "gpus_per_node")]
         gpus: Option<PathBuf>,
-        /// Where the HTTP API (and the status page at /) listens.
+        /// Where the HTTP API (and the player page at /, the status page at /status) listens.
         #[arg(long, alias = "http", default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
         /// Keep state here instead of a temp dir.
@@ -229,7 +229,8 @@ async fn dev(options: DevOptions) -> anyhow::Result<()> {
     let http = dev.broker().http;
     say(&format!(
         "Framecast dev: a broker and simulated GPU nodes on loopback.\n\
-         \n  status   http://{http}/\n  API      http://{http}/v1  (Authorization: Bearer {key})\n  \
+         \n  play     http://{http}/   (the player page: pick a game, press Play)\n  \
+         status   http://{http}/status\n  API      http://{http}/v1  (Authorization: Bearer {key})\n  \
          OpenAPI  http://{http}/openapi.json\n  metrics  http://{http}/metrics\n\n\
          Try:\n  curl -s -H 'Authorization: Bearer {key}' -H 'content-type: application/json' \\\n    \
          -d '{{\"game\":\"arena-shooter\",\"tier\":\"1080p\",\"player_id\":\"p1\"}}' http://{http}/v1/sessions\n\n\

@@ -131,9 +131,17 @@ impl BrokerBuilder {
         self
     }
 
-    /// Serves the dev status page at `/`.
-    pub fn status_page(mut self, on: bool) -> Self {
-        self.options.status_page = on;
+    /// Serves the dev pages without a key: the player page at `/` and the status page at
+    /// `/status` (see [`RouterOptions`]).
+    pub fn dev_pages(mut self, on: bool) -> Self {
+        self.options.dev_pages = on;
+        self
+    }
+
+    /// The API key the player page is prefilled with (dev mode's; anyone who reaches the port
+    /// gets it).
+    pub fn dev_api_key(mut self, key: impl Into<String>) -> Self {
+        self.options.dev_api_key = Some(key.into());
         self
     }
 
@@ -160,7 +168,7 @@ pub async fn start(
     start_with(config, tls, signer, RouterOptions::default()).await
 }
 
-/// [`start`] with optional parts of the HTTP router (dev mode's status page).
+/// [`start`] with optional parts of the HTTP router (dev mode's player and status pages).
 pub async fn start_with(
     config: BrokerConfig,
     tls: Arc<rustls::ServerConfig>,

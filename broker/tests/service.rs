@@ -461,7 +461,7 @@ async fn the_openapi_document_and_metrics_describe_the_service() {
     assert_eq!(request(addr, "GET", "/livez", &[], b"").await.status, 200);
     assert_eq!(request(addr, "GET", "/readyz", &[], b"").await.status, 200);
     // Dev mode's status page shows the fleet.
-    let page = request(addr, "GET", "/", &[], b"").await;
+    let page = request(addr, "GET", "/status", &[], b"").await;
     assert_eq!(page.status, 200);
     assert!(page.body.contains(dev.nodes()[0].as_str()), "{}", page.body);
     dev.stop().await;

@@ -8,6 +8,7 @@
 //! - [`vgpu`]: creating and removing vGPUs (simulated, Linux mdev, MIG) within each model's limits;
 //! - [`link`]: the QUIC control link to the broker, with mutual TLS;
 //! - [`metrics`]: what the agent exports on `/metrics`;
+//! - [`stream`]: WHEP, the media pipeline and player input;
 //! - [`run`]: the agent process that ties them together.
 
 pub mod core;
@@ -19,4 +20,5 @@ pub mod link;
 pub mod metrics;
 mod nvml_ffi;
 pub mod run;
+pub mod stream;
 pub mod vgpu;

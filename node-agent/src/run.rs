@@ -22,6 +22,7 @@ use crate::instances::runner;
 use crate::instances::supervisor::Backoff;
 use crate::inventory;
 use crate::link::{self, AgentState, LinkChannels, LinkConfig, LinkState};
+use crate::stream::{self, StreamOptions, Streams};
 use crate::vgpu::mdev::MdevBackend;
 use crate::vgpu::mig;
 use crate::vgpu::simulated::SimulatedBackend;
@@ -104,6 +105,12 @@ pub async fn run_until(
         });
     }
 
+    // Bound before the hello is built: with port 0 (dev mode, tests) the hello reports the
+    // port the system chose.
+    let whep_listener = tokio::net::TcpListener::bind(config.whep.listen)
+        .await
+        .with_context(|| format!("whep.listen {}: cannot bind", config.whep.listen))?;
+    let whep_addr = whep_listener.local_addr()?;
     let generation = link::generation::next(&config.data_dir)
         .with_context(|| format!("generation counter in {}", config.data_dir.display()))?;
     let broker = resolve(&config.broker.address).await?;
@@ -123,7 +130,7 @@ pub async fn run_until(
             .whep
             .public_url
             .clone()
-            .unwrap_or_else(|| format!("http://{}", config.whep.listen)),
+            .unwrap_or_else(|| format!("http://{whep_addr}")),
     )
     .with_policy(InstancePolicy {
         backoff: Backoff {
@@ -132,7 +139,8 @@ pub async fn run_until(
         },
         healthy_after: Duration::from_secs(config.instances.healthy_after_s),
     });
-    let mut core = core;
+    let (stream_stops, ended) = tokio::sync::mpsc::unbounded_channel();
+    let mut core = core.with_stream_stops(stream_stops);
     adopt_sessions(&mut core, &config.data_dir)?;
     let wake = core.wake_handle();
     let core = Arc::new(Mutex::new(core));
@@ -153,8 +161,32 @@ pub async fn run_until(
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
-    let ops = ops_endpoint(&config, core.clone(), state_rx, shutdown_rx.clone()).await?;
     let (outbox_tx, outbox) = tokio::sync::mpsc::unbounded_channel();
+    let streams = Streams::new(
+        core.clone(),
+        outbox_tx.clone(),
+        StreamOptions::from_config(&config.whep, &config.data_dir),
+    )
+    .context("setting up WebRTC")?;
+    tokio::spawn(streams.clone().stop_ended(ended));
+    let ops = ops_endpoint(
+        &config,
+        core.clone(),
+        streams.clone(),
+        state_rx,
+        shutdown_rx.clone(),
+    )
+    .await?;
+    tracing::info!(listen = %whep_addr, "serving WHEP for players");
+    let whep = {
+        let router = stream::whep::router(streams.clone());
+        let shutdown = shutdown_rx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = ops::serve(whep_listener, router, shutdown).await {
+                tracing::error!(error = %e, "WHEP endpoint failed");
+            }
+        })
+    };
     let instances = tokio::spawn(runner::run(
         core,
         wake,
@@ -185,8 +217,10 @@ pub async fn run_until(
     // The runner stops the instances it launched once shutdown is signalled; when the link
     // stopped for another reason, signal it here.
     let _ = shutdown_tx_for_exit.send(true);
+    streams.stop_all().await;
     let _ = instances.await;
     let _ = ops.await;
+    let _ = whep.await;
     linked?;
     Ok(())
 }
@@ -235,6 +269,7 @@ fn adopt_sessions(core: &mut AgentCore, data_dir: &Path) -> anyhow::Result<()> {
 async fn ops_endpoint(
     config: &AgentConfig,
     core: Arc<Mutex<AgentCore>>,
+    streams: Streams,
     link: watch::Receiver<LinkState>,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
@@ -254,7 +289,7 @@ async fn ops_endpoint(
         let core = core
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        crate::metrics::record_state(&core, &link);
+        crate::metrics::record_state(&core, &link, streams.live_count());
     });
     tracing::info!(listen = %config.http.listen, "serving /metrics, /livez and /readyz");
     let router = ops::router(handle, ready, Some(hook));

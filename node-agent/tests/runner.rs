@@ -1,6 +1,8 @@
 //! The instance runner driving the agent's core with real processes and the synthetic game:
 //! warm instances come up from a pool plan, a session's crashed instance ends the session and
-//! the broker hears of it. Timeouts only bound how long a broken build hangs.
+//! the broker hears of it; a game process finds its capture socket's path in
+//! `FRAMECAST_CAPTURE_SOCKET`, inside a private `capture` directory of the data directory, and
+//! its socket file is removed when it exits. Timeouts only bound how long a broken build hangs.
 
 // In a test, a failed unwrap is a failed test.
 #![allow(
@@ -10,7 +12,8 @@
     clippy::indexing_slicing
 )]
 
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +27,7 @@ use framecast_agent::instances::runner;
 use framecast_agent::inventory::Inventory;
 use framecast_agent::inventory::simulated::SimulatedInventory;
 use framecast_agent::link::AgentState;
+use framecast_agent::stream::capture::{CAPTURE_SOCKET_ENV, socket_path};
 use framecast_agent::vgpu::simulated::SimulatedBackend;
 use framecast_agent::vgpu::{GpuHandle, VgpuPool};
 use framecast_shared::config::agent::AgentGameConfig;
@@ -85,7 +89,8 @@ struct Harness {
     task: tokio::task::JoinHandle<()>,
 }
 
-fn start(core: AgentCore) -> Harness {
+/// Runs `core`'s instances; `data_dir` holds the capture sockets (none without it).
+fn start(core: AgentCore, data_dir: Option<PathBuf>) -> Harness {
     let wake = core.wake_handle();
     let core = Arc::new(Mutex::new(core));
     let (outbox_tx, outbox) = mpsc::unbounded_channel();
@@ -96,7 +101,7 @@ fn start(core: AgentCore) -> Harness {
         outbox_tx,
         runner::RunnerConfig {
             cgroups: Cgroups::detect(&std::env::temp_dir().join("framecast-no-cgroup-here")),
-            data_dir: None,
+            data_dir,
         },
         shutdown_rx,
     ));
@@ -153,7 +158,7 @@ async fn until(what: &str, mut ok: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn warm_synthetic_instances_come_up_and_a_session_takes_one() {
-    let h = start(core(Vec::new()));
+    let h = start(core(Vec::new()), None);
     h.core.lock().unwrap().handle(plan("arena", "1080p", 3));
     until("three warm instances", || {
         h.core.lock().unwrap().hello(1).warm.len() == 3
@@ -197,7 +202,7 @@ async fn a_crashed_game_ends_its_session_and_the_broker_hears_why() {
         env: Default::default(),
         tiers: Vec::new(),
     };
-    let mut h = start(core(vec![game]));
+    let mut h = start(core(vec![game]), None);
     let out = h.core.lock().unwrap().handle(reserve(7, "crashy", 0));
     assert!(
         matches!(out.as_slice(), [Message::Reserved(r)] if !r.warm),
@@ -224,7 +229,7 @@ async fn a_game_that_cannot_launch_ends_its_session() {
         env: Default::default(),
         tiers: Vec::new(),
     };
-    let mut h = start(core(vec![game]));
+    let mut h = start(core(vec![game]), None);
     h.core.lock().unwrap().handle(reserve(8, "missing", 0));
     let update = timeout(LIMIT, h.outbox.recv()).await.unwrap().unwrap();
     assert!(
@@ -233,4 +238,74 @@ async fn a_game_that_cannot_launch_ends_its_session() {
     );
     h.shutdown.send(true).unwrap();
     timeout(LIMIT, h.task).await.unwrap().unwrap();
+}
+
+/// A game that writes its capture socket's path (or `unset`) to `out`, creates the socket
+/// file the way a game's bind would, and exits after a moment.
+fn shell_game(out: &Path) -> AgentGameConfig {
+    let script = format!(
+        "echo \"${{{CAPTURE_SOCKET_ENV}-unset}}\" > \"$OUT_FILE.tmp\" && mv \"$OUT_FILE.tmp\" \"$OUT_FILE\"; \
+         if [ -n \"${CAPTURE_SOCKET_ENV}\" ]; then : > \"${CAPTURE_SOCKET_ENV}\"; fi; sleep 0.3; exit 3"
+    );
+    AgentGameConfig {
+        id: GameId::new("shell").unwrap(),
+        command: Some(PathBuf::from("/bin/sh")),
+        args: vec!["-c".into(), script],
+        env: [("OUT_FILE".to_owned(), out.to_str().unwrap().to_owned())]
+            .into_iter()
+            .collect(),
+        tiers: Vec::new(),
+    }
+}
+
+async fn file_text(path: &Path) -> String {
+    timeout(LIMIT, async {
+        loop {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                return text.trim_end().to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {}", path.display()))
+}
+
+/// Runs one session of the shell game and returns what it saw, once its session has ended.
+async fn run_game(data_dir: Option<PathBuf>, out: &Path) -> String {
+    let mut h = start(core(vec![shell_game(out)]), data_dir);
+    h.core.lock().unwrap().handle(reserve(1, "shell", 0));
+    let seen = file_text(out).await;
+    let update = timeout(LIMIT, h.outbox.recv()).await.unwrap().unwrap();
+    assert!(
+        matches!(&update, Message::SessionUpdate(u) if u.state == SessionState::Ended(EndReason::Error)),
+        "{update:?}"
+    );
+    h.shutdown.send(true).unwrap();
+    timeout(LIMIT, h.task).await.unwrap().unwrap();
+    seen
+}
+
+#[tokio::test]
+async fn a_game_process_finds_its_capture_socket_in_a_private_directory() {
+    let data = tempfile::tempdir().unwrap();
+    let out = data.path().join("seen.txt");
+    let seen = PathBuf::from(run_game(Some(data.path().to_owned()), &out).await);
+    let dir = data.path().join("capture");
+    assert_eq!(seen.parent(), Some(dir.as_path()), "{}", seen.display());
+    let name = seen.file_name().unwrap().to_str().unwrap();
+    let instance = name.strip_suffix(".sock").unwrap();
+    assert!(instance.starts_with("instance-"), "{name}");
+    assert_eq!(socket_path(&dir, instance), seen);
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+    // The game made its socket file; the runner removed it once the game had exited.
+    assert!(!seen.exists(), "{} left behind", seen.display());
+}
+
+#[tokio::test]
+async fn without_a_data_dir_a_game_gets_no_capture_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("seen.txt");
+    assert_eq!(run_game(None, &out).await, "unset");
 }

@@ -40,6 +40,8 @@ pub mod gpu;
 pub mod ids;
 #[cfg(feature = "ops")]
 pub mod ops;
+#[cfg(feature = "ops")]
+pub mod problem;
 pub mod protocol;
 pub mod state;
 pub mod tier;

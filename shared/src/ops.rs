@@ -18,6 +18,9 @@ pub use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// How long a gauge nobody sets stays exported.
+pub const GAUGE_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Whether the service is ready; `Err` says why not.
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
@@ -47,6 +50,13 @@ pub fn recorder() -> Result<PrometheusHandle, RecorderError> {
             30.0, 60.0, 300.0,
         ])
         .map_err(|e| RecorderError(e.to_string()))?
+        // Gauges are set before every scrape (or every second, per stream); one nobody set for
+        // a while belongs to something gone — a stream that ended, a GPU that left — and is
+        // dropped rather than exported for ever.
+        .idle_timeout(
+            metrics_util::MetricKindMask::GAUGE,
+            Some(GAUGE_IDLE_TIMEOUT),
+        )
         .install_recorder()
         .map_err(|e| RecorderError(e.to_string()))?;
     // Histograms keep raw samples until upkeep folds them in; without a scrape they would

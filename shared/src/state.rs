@@ -9,6 +9,9 @@
 //!           any ─→ down ─→ ready/cordoned (the agent came back)
 //! ```
 //!
+//! A session also goes from `connecting` to `reconnecting` when its stream drops before it
+//! played.
+//!
 //! The broker and the agent both call [`SessionState::transition`] and
 //! [`NodeState::transition`]; a transition that is not allowed is an error value, so a bug or
 //! a confused peer cannot move a session backwards.
@@ -112,7 +115,9 @@ impl SessionState {
             (Queued, Reserved)
             | (Reserved, Connecting)
             | (Connecting, Active)
-            | (Active, Reconnecting)
+            // The stream dropped before it played: the slot is held for the grace period,
+            // as for a player who lost an established stream.
+            | (Connecting | Active, Reconnecting)
             | (Reconnecting, Active) => true,
             (Queued, Ended(reason)) => reason.applies_to_queued(),
             (Reserved | Connecting | Active | Reconnecting, Ended(_)) => true,
@@ -243,6 +248,7 @@ mod tests {
             (Queued, Reserved),
             (Reserved, Connecting),
             (Connecting, Active),
+            (Connecting, Reconnecting),
             (Active, Reconnecting),
             (Reconnecting, Active),
         ];

@@ -4,8 +4,11 @@
 //! - [`sessions`]: allocate, look up, list, end and follow sessions;
 //! - [`fleet`]: nodes (operators only), pools and placement dry runs;
 //! - [`problem`]: errors as `application/problem+json`.
+//!
+//! Dev mode adds, without a key, the player page at `/` and the status page at `/status`.
 
 pub mod fleet;
+mod player;
 pub mod problem;
 pub mod sessions;
 mod status;
@@ -110,10 +113,37 @@ impl utoipa::Modify for BearerAuth {
 }
 
 /// Optional parts of the router.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Clone, Default)]
 pub struct RouterOptions {
-    /// Serve the dev status page at `/` (it shows the fleet without a key).
-    pub status_page: bool,
+    /// Serve the dev pages without a key: the player page at `/` (with `/player.js` and
+    /// `/player/config.json`) and the status page at `/status`, which shows the fleet.
+    pub dev_pages: bool,
+    /// The development API key that `/player/config.json` hands to the player page. Only for
+    /// dev mode: anyone who can reach the port gets it.
+    pub dev_api_key: Option<String>,
+}
+
+impl RouterOptions {
+    /// Dev mode's options: the dev pages, with `api_key` prefilled on the player page.
+    pub fn dev(api_key: &str) -> Self {
+        Self {
+            dev_pages: true,
+            dev_api_key: Some(api_key.to_owned()),
+        }
+    }
+}
+
+// By hand, so that the key never reaches a log line.
+impl std::fmt::Debug for RouterOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterOptions")
+            .field("dev_pages", &self.dev_pages)
+            .field(
+                "dev_api_key",
+                &self.dev_api_key.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 /// The whole router: `/v1`, `/openapi.json` and the operations endpoints.
@@ -135,8 +165,10 @@ pub fn router(broker: Broker, metrics: ops::PrometheusHandle, options: RouterOpt
         .route("/v1/nodes/{id}/drain", post(fleet::drain))
         .route("/v1/pools", get(fleet::pools))
         .route("/v1/placement/explain", post(fleet::explain));
-    if options.status_page {
-        v1 = v1.route("/", get(status::page));
+    if options.dev_pages {
+        v1 = v1
+            .route("/status", get(status::page))
+            .merge(player::routes(&broker, options.dev_api_key.as_deref()));
     }
     let v1 = v1
         .route(

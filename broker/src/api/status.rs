@@ -1,4 +1,4 @@
-//! The dev-mode status page at `/`: nodes, GPUs, pools and sessions at a glance, refreshed
+//! The dev-mode status page at `/status`: nodes, GPUs, pools and sessions at a glance, refreshed
 //! every two seconds. Dev mode only: it shows the fleet without asking for a key.
 
 use axum::extract::State;
@@ -6,15 +6,17 @@ use axum::response::Html;
 
 use super::ApiState;
 
-/// `GET /`.
+/// `GET /status`.
 pub(super) async fn page(State(state): State<ApiState>) -> Html<String> {
     let broker = &state.broker;
     let (nodes, pools) = broker.with_engine(|e| (e.node_views(), e.pool_views()));
     let mut html = String::from(
         "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"2\">\
-         <title>Framecast dev</title><style>body{font:14px system-ui,sans-serif;margin:2em}\
+         <title>Framecast dev status</title><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
+         <style>body{font:14px system-ui,sans-serif;margin:2em}\
          table{border-collapse:collapse;margin-bottom:1.5em}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}\
-         th{background:#f4f4f4}</style></head><body><h1>Framecast dev</h1>",
+         th{background:#f4f4f4}</style></head><body><h1>Framecast dev</h1>\
+         <p><a href=\"/\">Player page</a>: play a session in this browser.</p>",
     );
     html.push_str(&format!(
         "<p>Region <b>{}</b>. API at <code>/v1</code>, contract at <a href=\"/openapi.json\">/openapi.json</a>, metrics at <a href=\"/metrics\">/metrics</a>.</p>",

@@ -969,6 +969,19 @@ impl Broker {
         now: Timestamp,
     ) {
         let Some(mut entry) = entry else { return };
+        entry.record.state = SessionState::Ended(reason);
+        let mut view = SessionView::of(&entry.record, None, None);
+        view.expires_at = None;
+        {
+            // Listed as ended before anything is awaited: the session has just left the live
+            // map, and a GET in between must not answer 404.
+            let mut st = self.state();
+            if st.ended.len() >= ENDED_KEPT {
+                st.ended.pop_front();
+            }
+            st.ended
+                .push_back((entry.record.tenant.clone(), view.clone()));
+        }
         if tell_agent && let Some(node) = &entry.record.node {
             self.send(
                 node,
@@ -992,17 +1005,6 @@ impl Broker {
         metrics::counter!(crate::metrics::SESSIONS_ENDED, "reason" => reason.to_string())
             .increment(1);
         tracing::info!(session_id = %id, %reason, "session ended");
-        entry.record.state = SessionState::Ended(reason);
-        let mut view = SessionView::of(&entry.record, None, None);
-        view.expires_at = None;
-        {
-            let mut st = self.state();
-            if st.ended.len() >= ENDED_KEPT {
-                st.ended.pop_front();
-            }
-            st.ended
-                .push_back((entry.record.tenant.clone(), view.clone()));
-        }
         self.publish(entry.record.tenant.clone(), view);
     }
 

@@ -36,7 +36,7 @@ impl AgentCore {
 
     /// The game's launch settings: from the catalogue, or the synthetic game when the node
     /// has no catalogue.
-    fn game_config(&self, game: &GameId) -> Option<AgentGameConfig> {
+    pub(super) fn game_config(&self, game: &GameId) -> Option<AgentGameConfig> {
         if self.games.is_empty() {
             return Some(AgentGameConfig {
                 id: game.clone(),

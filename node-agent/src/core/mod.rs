@@ -56,7 +56,28 @@ struct Held {
     tier: TierName,
     state: SessionState,
     since: Timestamp,
+    /// When the player's newest input arrived; the broker's idle timeout counts from it.
+    last_input: Option<Timestamp>,
     _lease: EncoderLease,
+}
+
+/// What a player's stream needs to know about its session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSpec {
+    /// The session's tier: the stream's resolution, frame rate, bitrate and codecs.
+    pub tier: TierPreset,
+    /// The game it plays.
+    pub game: GameId,
+    /// The GPU it runs on.
+    pub gpu: GpuId,
+    /// Where the session is.
+    pub state: SessionState,
+    /// The name of the session's game process, whose frames come through the capture
+    /// interface; `None` for the built-in synthetic game.
+    pub capture_instance: Option<String>,
+    /// The CUDA ordinal of the session's GPU (NVML's index) where NVML found it; `None` on a
+    /// simulated GPU.
+    pub cuda_device: Option<u32>,
 }
 
 /// One GPU's use, for metrics.
@@ -84,6 +105,17 @@ pub enum TokenRefusal {
     /// A valid token for a session this node does not hold.
     #[error("session {0} is not on this node")]
     UnknownSession(SessionId),
+}
+
+/// Why a stream's state change was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamStateError {
+    /// The node does not hold the session (it ended meanwhile).
+    #[error("session {0} is not on this node")]
+    UnknownSession(SessionId),
+    /// The lifecycle does not allow the move.
+    #[error(transparent)]
+    Transition(#[from] framecast_shared::state::TransitionError),
 }
 
 /// How instances are supervised.
@@ -145,6 +177,8 @@ pub struct AgentCore {
     whep_url: Option<String>,
     /// Verifies players' session tokens with the key of the broker that welcomed the agent.
     tokens: Option<TokenVerifier>,
+    /// Told the id of every session that ends, so its stream stops.
+    stream_stops: Option<tokio::sync::mpsc::UnboundedSender<SessionId>>,
 }
 
 impl std::fmt::Debug for AgentCore {
@@ -201,7 +235,89 @@ impl AgentCore {
             wake: Arc::new(Notify::new()),
             whep_url: None,
             tokens: None,
+            stream_stops: None,
         }
+    }
+
+    /// Sends the id of every session that ends to `stops`, whatever ended it (a release, a
+    /// crashed game, the player), so the streaming side stops its stream and lets go of it.
+    pub fn with_stream_stops(
+        mut self,
+        stops: tokio::sync::mpsc::UnboundedSender<SessionId>,
+    ) -> Self {
+        self.stream_stops = Some(stops);
+        self
+    }
+
+    /// What a stream of `session` needs, while the node holds the session.
+    pub fn stream_spec(&self, session: &SessionId) -> Option<StreamSpec> {
+        let held = self.sessions.get(session)?;
+        let tier = self.tiers.iter().find(|t| t.name == held.tier)?.clone();
+        let process_game = self
+            .game_config(&held.game)
+            .is_some_and(|g| g.command.is_some());
+        let capture_instance = if process_game {
+            self.instance_of(&held.gpu, session)
+                .map(|key| self.instance_name(&key))
+        } else {
+            None
+        };
+        let cuda_device = self
+            .gpu(&held.gpu)
+            .filter(|g| g.found.pci_bus_id.is_some())
+            .map(|g| g.found.index);
+        Some(StreamSpec {
+            tier,
+            game: held.game.clone(),
+            gpu: held.gpu.clone(),
+            state: held.state,
+            capture_instance,
+            cuda_device,
+        })
+    }
+
+    /// Moves `session` to `state` as its stream reports it (`connecting`, `active`,
+    /// `reconnecting`), and returns the update for the broker. Reporting the state the session
+    /// is in already changes nothing; a move the lifecycle does not allow is an error.
+    pub fn stream_state(
+        &mut self,
+        session: &SessionId,
+        state: SessionState,
+    ) -> Result<Option<Message>, StreamStateError> {
+        let now = (self.clock)();
+        let held = self
+            .sessions
+            .get_mut(session)
+            .ok_or(StreamStateError::UnknownSession(*session))?;
+        if held.state == state {
+            return Ok(None);
+        }
+        held.state.transition(state)?;
+        held.state = state;
+        held.since = now;
+        self.dirty = true;
+        tracing::info!(session_id = %session, %state, "session state");
+        Ok(Some(Message::SessionUpdate(SessionUpdate {
+            generation: self.generation,
+            session_id: *session,
+            state,
+            at: now,
+        })))
+    }
+
+    /// Records that the player of `session` sent input at `at`.
+    pub fn input_seen(&mut self, session: &SessionId, at: Timestamp) {
+        if let Some(held) = self.sessions.get_mut(session)
+            && held.last_input.is_none_or(|t| t < at)
+        {
+            held.last_input = Some(at);
+        }
+    }
+
+    /// Ends `session` for `reason` (its player hung up: WHEP `DELETE`), and returns the update
+    /// for the broker; `None` when the node does not hold it.
+    pub fn end_session(&mut self, session: &SessionId, reason: EndReason) -> Option<Message> {
+        self.end(session, reason)
     }
 
     /// Checks a player's session token offline: signed by the broker that welcomed this
@@ -394,6 +510,7 @@ impl AgentCore {
                 tier: r.tier,
                 state: SessionState::Reserved,
                 since: (self.clock)(),
+                last_input: None,
                 _lease: lease,
             },
         );
@@ -410,6 +527,10 @@ impl AgentCore {
         // Dropping the entry drops its encoder lease.
         let held = self.sessions.remove(session)?;
         self.dirty = true;
+        if let Some(stops) = &self.stream_stops {
+            // The streaming side may be gone already (the agent is stopping).
+            let _ = stops.send(*session);
+        }
         tracing::info!(session_id = %session, %reason, "session ended");
         metrics::counter!(crate::metrics::SESSIONS_ENDED, "reason" => reason.to_string())
             .increment(1);
@@ -496,8 +617,17 @@ impl AgentState for AgentCore {
                 .collect(),
             warm: Some(self.warm_instances()),
             plan_generation: Some(self.plan_generation),
-            // Player input arrives with the streaming pipeline; until then none is reported.
-            inputs: Vec::new(),
+            inputs: self
+                .sessions
+                .iter()
+                .filter_map(|(id, h)| {
+                    h.last_input
+                        .map(|at| framecast_shared::protocol::SessionInput {
+                            session_id: *id,
+                            at,
+                        })
+                })
+                .collect(),
         }
     }
 

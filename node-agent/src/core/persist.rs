@@ -163,8 +163,14 @@ impl AgentCore {
                 slot: r.slot,
                 game: r.game.clone(),
                 tier: r.tier.clone(),
-                state: r.state,
+                // A player's stream does not survive the agent: a playing session waits for
+                // its player to reconnect, within the broker's grace window.
+                state: match r.state {
+                    SessionState::Connecting | SessionState::Active => SessionState::Reconnecting,
+                    other => other,
+                },
                 since: r.since,
+                last_input: None,
                 _lease: lease,
             },
         );

@@ -6,7 +6,7 @@
 //! instance crashed) goes to the link's outbox.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use framecast_shared::time::Timestamp;
 use super::cgroup::Cgroups;
 use super::launch::{Exit, LaunchSpec, ProcessId, Running, launch};
 use super::supervisor::InstanceId;
+use crate::stream::capture;
 
 /// An instance on the node: its GPU and its number within that GPU's supervisor.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -66,8 +67,9 @@ pub enum InstanceCommand {
 pub struct RunnerConfig {
     /// Limits for instances.
     pub cgroups: Cgroups,
-    /// The data directory the host's snapshots go to (see [`InstanceHost::take_snapshot`]);
-    /// `None` keeps nothing.
+    /// The data directory the host's snapshots go to (see [`InstanceHost::take_snapshot`]),
+    /// and the games' capture sockets (see [`crate::stream::capture`]); `None` keeps nothing
+    /// and gives games no capture socket.
     pub data_dir: Option<PathBuf>,
 }
 
@@ -106,6 +108,12 @@ pub async fn run<H: InstanceHost + ?Sized>(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let RunnerConfig { cgroups, data_dir } = config;
+    // Game processes bind their capture socket in here (see `stream::capture`).
+    let capture_dir = data_dir.as_deref().and_then(|dir| {
+        capture::prepare_capture_dir(dir)
+            .inspect_err(|e| tracing::warn!(dir = %dir.display(), error = %e, "no capture directory; games cannot stream frames"))
+            .ok()
+    });
     // Snapshots are written by their own task, newest first, so a slow disk never holds up
     // launching and stopping games.
     let (snapshots, snapshots_rx) = watch::channel(None::<String>);
@@ -115,6 +123,7 @@ pub async fn run<H: InstanceHost + ?Sized>(
     loop {
         loop {
             let command = lock(&host).poll_command(Timestamp::now());
+            let command = command.map(|c| with_capture_socket(c, capture_dir.as_deref()));
             match command {
                 None => break,
                 Some(InstanceCommand::Start { key, spec }) => match launch(&spec, &cgroups) {
@@ -177,10 +186,13 @@ pub async fn run<H: InstanceHost + ?Sized>(
             () = sleep => {}
             Some((key, exit)) = exit_rx.recv() => {
                 tracing::info!(instance = %key, code = exit.code, ran_ms = exit.ran.as_millis(), "instance exited");
-                if let Some(l) = launched.remove(&key)
-                    && let Err(e) = cgroups.remove(&l.name)
-                {
-                    tracing::debug!(instance = %key, error = %e, "cgroup not removed");
+                if let Some(l) = launched.remove(&key) {
+                    if let Err(e) = cgroups.remove(&l.name) {
+                        tracing::debug!(instance = %key, error = %e, "cgroup not removed");
+                    }
+                    if let Some(dir) = &capture_dir {
+                        capture::remove_socket(dir, &l.name);
+                    }
                 }
                 let mut core = lock(&host);
                 let replies = core.exited(&key, Timestamp::now(), exit.ran);
@@ -281,6 +293,20 @@ async fn watch_instance(
         }
     };
     let _ = exits.send((key, exit));
+}
+
+/// Gives a game process the path of its capture socket in `capture_dir`, where there is one
+/// (the synthetic game has no process, hence no socket).
+fn with_capture_socket(
+    mut command: InstanceCommand,
+    capture_dir: Option<&Path>,
+) -> InstanceCommand {
+    if let (InstanceCommand::Start { spec, .. }, Some(dir)) = (&mut command, capture_dir)
+        && spec.command.is_some()
+    {
+        capture::set_socket_env(&mut spec.env, dir, &spec.name);
+    }
+    command
 }
 
 fn send_all(outbox: &mpsc::UnboundedSender<Message>, messages: Vec<Message>) {

@@ -150,8 +150,15 @@ sysfs_root = "/sys"
 
 [http]
 listen = "{http}"
+{whep}
 {extra}
 "#,
+        // Tests run agents side by side: each takes a free port for players.
+        whep = if extra.contains("[whep]") {
+            ""
+        } else {
+            "[whep]\nlisten = \"127.0.0.1:0\"\n"
+        },
         data = dir.join("data"),
         ca = dir.join("ca.pem"),
         cert = dir.join("agent.pem"),

@@ -153,6 +153,46 @@ pub struct WhepConfig {
     /// The URL players reach it at, when it differs from `http://<listen>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_url: Option<String>,
+    /// Offer loopback ICE candidates. ICE forbids them between hosts; on for players on the
+    /// same host (dev mode, tests, a sandbox with nothing but loopback).
+    #[serde(default)]
+    pub loopback_candidates: bool,
+    /// Addresses players reach this host at when they differ from its interfaces' (1:1 NAT),
+    /// offered as the host candidates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub public_ips: Vec<std::net::IpAddr>,
+    /// Lowest UDP port media may use; with `udp_port_max`, for firewalls. Any free port when
+    /// unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_port_min: Option<u16>,
+    /// Highest UDP port media may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_port_max: Option<u16>,
+    /// The highest frame rate of a software-encoded stream (hosts without NVENC); a tier
+    /// asking for more is streamed at this rate.
+    #[serde(default = "default_software_max_fps")]
+    pub software_max_fps: u16,
+    /// Which video encoder streams use.
+    #[serde(default)]
+    pub encoder: StreamEncoder,
+}
+
+/// `whep.encoder`: which video encoder streams use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamEncoder {
+    /// NVENC on the session's GPU where the agent was built with it (feature `nvenc`) and it
+    /// opens; the software encoder otherwise.
+    #[default]
+    Auto,
+    /// The software H.264 encoder (OpenH264), always.
+    Software,
+    /// NVENC, or the stream fails.
+    Nvenc,
+}
+
+fn default_software_max_fps() -> u16 {
+    30
 }
 
 /// `[[games]]`: how to launch a game on this node.
@@ -198,6 +238,12 @@ impl Default for AgentConfig {
             whep: WhepConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
                 public_url: None,
+                loopback_candidates: false,
+                public_ips: Vec::new(),
+                udp_port_min: None,
+                udp_port_max: None,
+                software_max_fps: default_software_max_fps(),
+                encoder: StreamEncoder::Auto,
             },
             instances: InstancesConfig::default(),
             http: AgentHttpConfig::default(),
@@ -282,13 +328,33 @@ impl Validate for AgentConfig {
         );
         instances.range("healthy_after_s", self.instances.healthy_after_s, 1, 86_400);
 
+        let mut whep = c.section("whep");
         if let Some(url) = &self.whep.public_url {
-            c.section("whep").check(
+            whep.check(
                 url.starts_with("http://") || url.starts_with("https://"),
                 "public_url",
                 url,
                 "must start with http:// or https://",
             );
+        }
+        whep.range("software_max_fps", self.whep.software_max_fps, 1, 240);
+        match (self.whep.udp_port_min, self.whep.udp_port_max) {
+            (None, None) => {}
+            (Some(min), Some(max)) => {
+                whep.check(min >= 1024, "udp_port_min", min, "must be at least 1024");
+                whep.check(
+                    max >= min,
+                    "udp_port_max",
+                    max,
+                    "must be at least udp_port_min",
+                );
+            }
+            (Some(min), None) => {
+                whep.check(false, "udp_port_max", min, "must be set with udp_port_min");
+            }
+            (None, Some(max)) => {
+                whep.check(false, "udp_port_min", max, "must be set with udp_port_max");
+            }
         }
 
         let mut seen = BTreeSet::new();
