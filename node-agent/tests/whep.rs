@@ -714,7 +714,7 @@ async fn a_game_process_streams_its_frames_through_the_capture_interface() {
         command: Some("/bin/sh".into()),
         args: vec![
             "-c".into(),
-            "echo \"$FRAMECAST_CAPTURE_SOCKET\" > \"$TELL\"; exec sleep 120".into(),
+            "echo \"$FRAMECAST_CAPTURE_SOCKET\" > \"$TELL\"; exec sleep 30 </dev/null >/dev/null 2>&1".into(),
         ],
         env: [("TELL".to_owned(), told.display().to_string())].into(),
         tiers: Vec::new(),
