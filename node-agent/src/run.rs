@@ -60,6 +60,14 @@ pub async fn run_until(
     let (ca, cert, key) = tls::read_files(tls_files)?;
     let client_tls = tls::client_config(&ca, &cert, &key)?;
 
+    #[cfg(feature = "nvenc")]
+    if std::env::var("CUDA_DEVICE_ORDER").as_deref() != Ok("PCI_BUS_ID") {
+        // NVENC opens the GPU by its CUDA ordinal, taken from NVML's index; the two agree only
+        // in PCI bus order.
+        tracing::warn!(
+            "CUDA_DEVICE_ORDER is not PCI_BUS_ID: NVENC may encode on another GPU than the session's; set CUDA_DEVICE_ORDER=PCI_BUS_ID in the agent's environment"
+        );
+    }
     let inventory = inventory::open(&config.inventory, simulate)?;
     let found = inventory.gpus()?;
     tracing::info!(
@@ -168,7 +176,7 @@ pub async fn run_until(
         StreamOptions::from_config(&config.whep, &config.data_dir),
     )
     .context("setting up WebRTC")?;
-    tokio::spawn(streams.clone().stop_ended(ended));
+    tokio::spawn(streams.clone().stop_ended(ended, shutdown_rx.clone()));
     let ops = ops_endpoint(
         &config,
         core.clone(),

@@ -72,11 +72,12 @@ struct Node {
 
 impl Node {
     async fn start() -> Self {
-        Self::start_with(Vec::new()).await
+        Self::start_with(Vec::new(), |_| {}).await
     }
 
-    /// A node whose catalogue is `games` (empty: every game is the synthetic one).
-    async fn start_with(games: Vec<AgentGameConfig>) -> Self {
+    /// A node whose catalogue is `games` (empty: every game is the synthetic one), its
+    /// configuration changed by `tune`.
+    async fn start_with(games: Vec<AgentGameConfig>, tune: fn(&mut AgentConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pki = pki();
         let (endpoint, broker) = test_broker(&pki);
@@ -112,6 +113,7 @@ impl Node {
         config.whep.listen = "127.0.0.1:0".parse().unwrap();
         config.whep.loopback_candidates = true;
         config.games = games;
+        tune(&mut config);
         // Small pictures keep the debug build's encoder quick.
         let (stop, stop_rx) = watch::channel(false);
         tokio::spawn(framecast_agent::run::run_until(config, None, stop_rx));
@@ -608,6 +610,29 @@ async fn a_player_who_drops_comes_back_inside_the_grace_window() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_player_who_never_connects_is_given_up_and_may_offer_again() {
+    let mut node = Node::start_with(Vec::new(), |c| c.whep.connect_timeout_s = 1).await;
+    let (session, token) = node.reserve(1).await;
+    // An offer whose answer the player never applies: no ICE, no DTLS.
+    let (_silent, offer) = Player::new().await;
+    let (status, _, _) = node
+        .post(session, Some(&token), "application/sdp", &offer)
+        .await;
+    assert_eq!(status, 201);
+    assert_eq!(node.next_update(session).await, SessionState::Connecting);
+    // After the connect timeout the agent closes it; the slot waits for the player.
+    assert_eq!(node.next_update(session).await, SessionState::Reconnecting);
+    let (mut player, offer) = Player::new().await;
+    let (status, _, answer) = node
+        .post(session, Some(&token), "application/sdp", &offer)
+        .await;
+    assert_eq!(status, 201, "{answer}");
+    player.accept(answer).await;
+    player.wait_for(RTCPeerConnectionState::Connected).await;
+    assert_eq!(node.next_update(session).await, SessionState::Active);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_the_status_the_protocol_names() {
     let mut node = Node::start().await;
     let (session, token) = node.reserve(1).await;
@@ -719,7 +744,7 @@ async fn a_game_process_streams_its_frames_through_the_capture_interface() {
         env: [("TELL".to_owned(), told.display().to_string())].into(),
         tiers: Vec::new(),
     };
-    let mut node = Node::start_with(vec![game]).await;
+    let mut node = Node::start_with(vec![game], |_| {}).await;
     let (session, token) = node.reserve_game(1, "capture-game").await;
     let socket = timeout(LIMIT, async {
         loop {

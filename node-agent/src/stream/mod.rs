@@ -45,6 +45,7 @@ impl StreamOptions {
                 StreamEncoder::Software => encode::EncoderChoice::Software,
                 StreamEncoder::Nvenc => encode::EncoderChoice::Nvenc,
             },
+            connect_timeout: std::time::Duration::from_secs(u64::from(whep.connect_timeout_s)),
         }
     }
 }

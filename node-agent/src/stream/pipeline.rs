@@ -51,6 +51,8 @@ struct Shared {
     keyframe: AtomicBool,
     /// Input arrived since the last picture.
     input_waiting: AtomicBool,
+    /// Notified when the thread stops on an error.
+    failed: Arc<tokio::sync::Notify>,
     counters: PipelineCounters,
 }
 
@@ -116,6 +118,12 @@ impl PipelineHandle {
     pub fn counters(&self) -> &PipelineCounters {
         &self.shared.counters
     }
+
+    /// Notified once if the thread stops on an error (its frame source or encoder failed);
+    /// the error is logged.
+    pub fn failure(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.shared.failed)
+    }
 }
 
 impl Drop for PipelineHandle {
@@ -137,12 +145,21 @@ struct Worker {
 
 impl Worker {
     fn run(mut self) {
+        let failed = Arc::clone(&self.shared.failed);
+        if self.stream().is_err() {
+            // Stored as a permit when nobody waits yet.
+            failed.notify_one();
+        }
+    }
+
+    /// Sends pictures until stopped; `Err` after a fatal error (logged).
+    fn stream(&mut self) -> Result<(), ()> {
         let interval = Duration::from_secs(1) / u32::from(self.settings.fps.max(1));
         let mut frame = match I420Frame::new(self.settings.width, self.settings.height) {
             Ok(f) => f,
             Err(e) => {
                 tracing::error!(error = %e, "the stream cannot start");
-                return;
+                return Err(());
             }
         };
         let shared = Arc::clone(&self.shared);
@@ -150,6 +167,7 @@ impl Worker {
         let mut number: u64 = 0;
         let mut next = Instant::now();
         let mut last = next.checked_sub(interval).unwrap_or(next);
+        let mut last_sent: Option<Instant> = None;
         tracing::debug!(
             source = self.source.name(),
             encoder = self.encoder.name(),
@@ -185,14 +203,14 @@ impl Worker {
             last = started;
             if let Err(e) = self.source.render(number, &mut frame) {
                 tracing::error!(error = %e, "the frame source failed; the stream stops");
-                return;
+                return Err(());
             }
             let keyframe = self.shared.keyframe.swap(false, Ordering::Relaxed);
             let encoded = match self.encoder.encode(&frame, keyframe) {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::error!(error = %e, "the encoder failed; the stream stops");
-                    return;
+                    return Err(());
                 }
             };
             let busy = started.elapsed();
@@ -209,9 +227,14 @@ impl Worker {
                 if encoded.keyframe {
                     counters.keyframes.fetch_add(1, Ordering::Relaxed);
                 }
+                // The track advances the RTP clock by each picture's duration. Real time since
+                // the previous picture keeps it with the wall clock through early pictures and
+                // skips (lagging by one picture), where a fixed interval would drift.
+                let duration = last_sent.map_or(interval, |t| started.saturating_duration_since(t));
+                last_sent = Some(started);
                 let sent = self
                     .runtime
-                    .block_on(self.peer.send_video(encoded.data, interval));
+                    .block_on(self.peer.send_video(encoded.data, duration));
                 if let Err(e) = sent {
                     tracing::debug!(error = %e, "a picture was not sent");
                 }
@@ -229,6 +252,7 @@ impl Worker {
                 next = now;
             }
         }
+        Ok(())
     }
 
     fn apply_inputs(&mut self) {

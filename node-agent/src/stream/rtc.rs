@@ -93,15 +93,13 @@ pub enum PeerState {
     Closed,
 }
 
-/// What happened on a peer.
+/// What happened on a peer (input messages come on a channel of their own, bounded).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerEvent {
     /// The connection changed state.
     State(PeerState),
     /// The player lost a picture (PLI) or asked for a full one (FIR): send a key frame.
     KeyframeWanted,
-    /// One message on the input channel.
-    Input(Bytes),
 }
 
 /// Transport figures of a peer, from its RTCP receiver reports and ICE.
@@ -207,6 +205,7 @@ impl RtcEngine {
         &self,
         offer: &str,
         events: mpsc::UnboundedSender<PeerEvent>,
+        inputs: mpsc::Sender<Bytes>,
     ) -> Result<(Peer, String), RtcError> {
         if !offer.lines().any(|l| l.starts_with("m=video")) {
             return Err(RtcError::NoVideo);
@@ -234,7 +233,7 @@ impl RtcEngine {
             input: Arc::new(Mutex::new(None)),
             pc,
         };
-        match peer.negotiate(offer, events).await {
+        match peer.negotiate(offer, events, inputs).await {
             Ok(answer) => Ok((peer, answer)),
             Err(e) => {
                 peer.close().await;
@@ -244,12 +243,25 @@ impl RtcEngine {
     }
 }
 
-/// The agent's side of one player's connection. Dropping it does not close it: call
-/// [`Peer::close`].
+/// The agent's side of one player's connection. Dropping it closes the connection (in a
+/// task of its own); [`Peer::close`] closes it and waits.
 pub struct Peer {
     pc: Arc<RTCPeerConnection>,
     track: Arc<TrackLocalStaticSample>,
     input: Arc<Mutex<Option<Arc<RTCDataChannel>>>>,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        // An offer whose HTTP request was cancelled half-way must not leave its connection,
+        // sockets and tasks behind. Closing a closed connection does nothing.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let pc = Arc::clone(&self.pc);
+            runtime.spawn(async move {
+                let _ = pc.close().await;
+            });
+        }
+    }
 }
 
 impl std::fmt::Debug for Peer {
@@ -263,6 +275,7 @@ impl Peer {
         &self,
         offer: RTCSessionDescription,
         events: mpsc::UnboundedSender<PeerEvent>,
+        inputs: mpsc::Sender<Bytes>,
     ) -> Result<String, RtcError> {
         let sender = self
             .pc
@@ -303,9 +316,13 @@ impl Peer {
         self.pc
             .on_data_channel(Box::new(move |dc: Arc<RTCDataChannel>| {
                 if dc.label() == INPUT_CHANNEL {
-                    let events = events.clone();
+                    let inputs = inputs.clone();
                     dc.on_message(Box::new(move |msg: DataChannelMessage| {
-                        let _ = events.send(PeerEvent::Input(msg.data));
+                        // A player who sends faster than the stream takes input loses the
+                        // excess rather than growing a queue.
+                        if let Err(mpsc::error::TrySendError::Full(_)) = inputs.try_send(msg.data) {
+                            crate::metrics::stream_input_rejected();
+                        }
                         Box::pin(async {})
                     }));
                     *input.lock().unwrap_or_else(PoisonError::into_inner) = Some(dc);

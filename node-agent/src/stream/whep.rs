@@ -50,7 +50,12 @@ async fn offer(
         let token = bearer(&headers)?;
         content_type(&headers, "application/sdp")?;
         let offer = text(body)?;
-        let answer = streams.offer(session, token, offer.as_str()).await?;
+        // Negotiated in a task of its own: a client that hangs up mid-offer cancels this
+        // handler, and must not cancel the setup half-way.
+        let token = token.to_owned();
+        let answer = tokio::spawn(async move { streams.offer(session, &token, &offer).await })
+            .await
+            .map_err(|e| Problem::from(StreamError::Internal(e.to_string())))??;
         let location = format!("/whep/sessions/{session}/streams/{}", answer.stream);
         Ok::<_, Problem>(
             (
@@ -144,6 +149,15 @@ impl From<StreamError> for Problem {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not-ready",
                     "Not ready",
+                    detail,
+                )
+            },
+            StreamError::Unavailable(_) => Problem {
+                retry_after: Some(5),
+                ..Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "Unavailable",
                     detail,
                 )
             },

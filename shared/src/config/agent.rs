@@ -175,6 +175,14 @@ pub struct WhepConfig {
     /// Which video encoder streams use.
     #[serde(default)]
     pub encoder: StreamEncoder,
+    /// Seconds a player may take from its offer to a connected stream before the agent gives
+    /// the connection up (the session then waits for a new offer, as `reconnecting`).
+    #[serde(default = "default_connect_timeout_s")]
+    pub connect_timeout_s: u32,
+}
+
+fn default_connect_timeout_s() -> u32 {
+    30
 }
 
 /// `whep.encoder`: which video encoder streams use.
@@ -244,6 +252,7 @@ impl Default for AgentConfig {
                 udp_port_max: None,
                 software_max_fps: default_software_max_fps(),
                 encoder: StreamEncoder::Auto,
+                connect_timeout_s: default_connect_timeout_s(),
             },
             instances: InstancesConfig::default(),
             http: AgentHttpConfig::default(),
@@ -338,6 +347,7 @@ impl Validate for AgentConfig {
             );
         }
         whep.range("software_max_fps", self.whep.software_max_fps, 1, 240);
+        whep.range("connect_timeout_s", self.whep.connect_timeout_s, 1, 600);
         match (self.whep.udp_port_min, self.whep.udp_port_max) {
             (None, None) => {}
             (Some(min), Some(max)) => {

@@ -578,7 +578,7 @@
   /// Reads the two marker rows (frame counter, newest input seq applied) from the top-left
   /// corner of the frame on screen, and closes the input → frame measurements it answers.
   function readMarkers(r, height, now) {
-    const b = Math.floor(height / 45);
+    const b = Math.max(4, Math.floor(height / 45));
     if (b < 2 || !markerCtx) return null;
     const w = 24 * b;
     const h = 2 * b;
