@@ -248,6 +248,18 @@ impl Node {
         .await
     }
 
+    /// A player that offers for `session` with `token` and is connected.
+    async fn connected_player(&self, session: SessionId, token: &str) -> Player {
+        let (mut player, offer) = Player::new().await;
+        let (status, _, answer) = self
+            .post(session, Some(token), "application/sdp", &offer)
+            .await;
+        assert_eq!(status, 201, "{answer}");
+        player.accept(answer).await;
+        player.wait_for(RTCPeerConnectionState::Connected).await;
+        player
+    }
+
     async fn next_update(&mut self, session: SessionId) -> SessionState {
         loop {
             let (s, state) = timeout(LIMIT, self.updates.recv())
@@ -553,13 +565,7 @@ async fn a_player_streams_plays_and_hangs_up() {
 async fn a_player_who_drops_comes_back_inside_the_grace_window() {
     let mut node = Node::start().await;
     let (session, token) = node.reserve(1).await;
-    let (mut first, offer) = Player::new().await;
-    let (status, _, answer) = node
-        .post(session, Some(&token), "application/sdp", &offer)
-        .await;
-    assert_eq!(status, 201);
-    first.accept(answer).await;
-    first.wait_for(RTCPeerConnectionState::Connected).await;
+    let first = node.connected_player(session, &token).await;
     assert_eq!(node.next_update(session).await, SessionState::Connecting);
     assert_eq!(node.next_update(session).await, SessionState::Active);
 
@@ -567,13 +573,8 @@ async fn a_player_who_drops_comes_back_inside_the_grace_window() {
     first.pc.close().await.unwrap();
     assert_eq!(node.next_update(session).await, SessionState::Reconnecting);
 
-    let (mut second, offer) = Player::new().await;
-    let (status, _, answer) = node
-        .post(session, Some(&token), "application/sdp", &offer)
-        .await;
-    assert_eq!(status, 201, "a reconnect is accepted: {answer}");
-    second.accept(answer).await;
-    second.wait_for(RTCPeerConnectionState::Connected).await;
+    // A reconnect is accepted.
+    let mut second = node.connected_player(session, &token).await;
     assert_eq!(node.next_update(session).await, SessionState::Active);
     second.wait_for_packets(10).await;
 
@@ -622,13 +623,7 @@ async fn a_player_who_never_connects_is_given_up_and_may_offer_again() {
     assert_eq!(node.next_update(session).await, SessionState::Connecting);
     // After the connect timeout the agent closes it; the slot waits for the player.
     assert_eq!(node.next_update(session).await, SessionState::Reconnecting);
-    let (mut player, offer) = Player::new().await;
-    let (status, _, answer) = node
-        .post(session, Some(&token), "application/sdp", &offer)
-        .await;
-    assert_eq!(status, 201, "{answer}");
-    player.accept(answer).await;
-    player.wait_for(RTCPeerConnectionState::Connected).await;
+    node.connected_player(session, &token).await;
     assert_eq!(node.next_update(session).await, SessionState::Active);
 }
 
@@ -789,13 +784,7 @@ async fn a_game_process_streams_its_frames_through_the_capture_interface() {
         }
     });
 
-    let (mut player, offer) = Player::new().await;
-    let (status, _, answer) = node
-        .post(session, Some(&token), "application/sdp", &offer)
-        .await;
-    assert_eq!(status, 201, "{answer}");
-    player.accept(answer).await;
-    player.wait_for(RTCPeerConnectionState::Connected).await;
+    let mut player = node.connected_player(session, &token).await;
 
     // Decode what arrives until a picture carries the game's frame marker.
     let mut builder = webrtc::media::io::sample_builder::SampleBuilder::new(

@@ -259,7 +259,7 @@ impl openh264::formats::YUVSource for Planes<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::stream::scene::SyntheticScene;
 
@@ -274,7 +274,8 @@ mod tests {
             .collect()
     }
 
-    fn settings() -> EncoderSettings {
+    /// A small stream, quick to encode in a debug build.
+    pub(crate) fn settings() -> EncoderSettings {
         EncoderSettings {
             width: 320,
             height: 180,

@@ -948,15 +948,7 @@ fn unexpected(reply: &Reply) -> EncodeError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn settings() -> EncoderSettings {
-        EncoderSettings {
-            width: 320,
-            height: 180,
-            fps: 30,
-            bitrate_kbps: 1000,
-        }
-    }
+    use crate::stream::encode::tests::settings;
 
     /// This machine has no NVIDIA driver: opening is an error that says so, not a panic.
     #[test]
