@@ -501,8 +501,11 @@ impl Layout {
 
     /// One line of the panel: a label, a space, then `n` in decimal without leading zeros.
     fn draw_line(&self, y: &mut [u8], stride: usize, top: usize, label: u8, n: u32) {
-        self.draw_char(y, stride, 0, top, label);
-        let mut x = 2 * self.advance;
+        // Indented by half an advance: a glyph on the picture's edge is easily cut by a
+        // player's scaling.
+        let left = self.advance / 2;
+        self.draw_char(y, stride, left, top, label);
+        let mut x = left + 2 * self.advance;
         let mut div = 1_u32;
         while div <= n / 10 {
             div *= 10;
