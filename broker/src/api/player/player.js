@@ -19,6 +19,8 @@
     MOUSE_DOWN: 0x04,
     MOUSE_UP: 0x05,
     WHEEL: 0x06,
+    PAD_BUTTON: 0x07,
+    PAD_AXIS: 0x08,
     PING: 0x09,
     PONG: 0x0a,
   };
@@ -720,6 +722,54 @@
       v.setInt16(HEADER + 2, clampI16(y), true);
     });
 
+  const padButtonEvent = (r, pad, button, value) =>
+    sendEvent(r, KIND.PAD_BUTTON, 3, (v) => {
+      v.setUint8(HEADER, pad);
+      v.setUint8(HEADER + 1, button);
+      v.setUint8(HEADER + 2, value);
+    });
+  const padAxisEvent = (r, pad, axis, value) =>
+    sendEvent(r, KIND.PAD_AXIS, 4, (v) => {
+      v.setUint8(HEADER, pad);
+      v.setUint8(HEADER + 1, axis);
+      v.setInt16(HEADER + 2, value, true);
+    });
+
+  // Gamepads (W3C standard mapping): polled every animation frame while playing; a button
+  // is sent when its pressure changes by a step, an axis when it moves past a small dead zone.
+  const padState = new Map(); // pad index → { buttons: [u8], axes: [i16] }
+  const AXIS_DEAD_ZONE = 0.08;
+
+  function pollGamepads() {
+    requestAnimationFrame(pollGamepads);
+    if (!playing() || !navigator.getGamepads) return;
+    for (const gp of navigator.getGamepads()) {
+      if (!gp || gp.index > 255) continue;
+      let st = padState.get(gp.index);
+      if (!st) {
+        st = { buttons: [], axes: [] };
+        padState.set(gp.index, st);
+      }
+      gp.buttons.forEach((b, i) => {
+        if (i > 255) return;
+        const value = Math.round(Math.min(1, Math.max(0, b.value)) * 255);
+        if (value !== (st.buttons[i] || 0)) {
+          st.buttons[i] = value;
+          padButtonEvent(run, gp.index, i, value);
+        }
+      });
+      gp.axes.forEach((a, i) => {
+        if (i > 255) return;
+        const shaped = Math.abs(a) < AXIS_DEAD_ZONE ? 0 : a;
+        const value = Math.round(Math.min(1, Math.max(-1, shaped)) * 32767);
+        if (Math.abs(value - (st.axes[i] || 0)) >= 256 || (value === 0 && st.axes[i])) {
+          st.axes[i] = value;
+          padAxisEvent(run, gp.index, i, value);
+        }
+      });
+    }
+  }
+
   function sendPing(r) {
     sendEvent(r, KIND.PING, 0, null);
     // Pongs lost on the unreliable channel must not pile up.
@@ -752,6 +802,8 @@
   }
 
   function wireInput() {
+    requestAnimationFrame(pollGamepads);
+    window.addEventListener('gamepaddisconnected', (e) => padState.delete(e.gamepad.index));
     const formTarget = (e) => e.target instanceof HTMLElement && e.target.closest('input, select, textarea, button');
     document.addEventListener('keydown', (e) => {
       if (!playing() || formTarget(e)) return;
