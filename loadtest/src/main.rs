@@ -1,6 +1,9 @@
 //! `framecast-loadtest`: proves a fleet's capacity and latency before GPUs are bought.
 
+use framecast_loadtest::{scenario, sim};
+
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +27,23 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Run a scenario on a virtual clock against the real placement engine, in-process:
+    /// prints a summary, writes the JSON report with --json, and exits with status 1 when an
+    /// SLO of the scenario fails (2 when the scenario is unusable).
+    Sim {
+        /// The scenario file (see loadtest/scenarios/).
+        scenario: PathBuf,
+        /// The placement strategy, instead of the scenario's (`genre-weighted`, `first-fit`,
+        /// `round-robin`, `random`, `exclusive`).
+        #[arg(long)]
+        strategy: Option<String>,
+        /// Another seed than the scenario's.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Write the JSON report here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -34,6 +54,65 @@ fn main() -> ExitCode {
                 .map(|c| models_table(&models::all(), &c.tier_presets()));
             framecast_shared::config::cli::report(tiers)
         }
+        Command::Sim {
+            scenario,
+            strategy,
+            seed,
+            json,
+        } => sim_command(&scenario, strategy.as_deref(), seed, json.as_deref()),
+    }
+}
+
+/// `framecast-loadtest sim`.
+// A command-line tool's output goes to the terminal.
+#[allow(clippy::print_stdout, clippy::print_stderr)]
+fn sim_command(
+    path: &std::path::Path,
+    strategy: Option<&str>,
+    seed: Option<u64>,
+    json: Option<&std::path::Path>,
+) -> ExitCode {
+    let mut scenario = match scenario::Scenario::load(path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(seed) = seed {
+        scenario.seed = seed;
+    }
+    if let Some(name) = strategy
+        && framecast_broker::placement::strategy::by_name(name, 0).is_none()
+    {
+        eprintln!(
+            "error: --strategy {name}: must be one of {}",
+            framecast_broker::placement::strategy::NAMES.join(", ")
+        );
+        return ExitCode::from(2);
+    }
+    let report = match sim::run(&scenario, strategy) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    print!("{}", report.summary());
+    if let Some(out) = json {
+        let written = serde_json::to_string_pretty(&report)
+            .map_err(|e| e.to_string())
+            .and_then(|text| std::fs::write(out, text).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            eprintln!("error: writing {}: {e}", out.display());
+            return ExitCode::from(2);
+        }
+    }
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("an SLO failed");
+        ExitCode::from(1)
     }
 }
 

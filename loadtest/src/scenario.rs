@@ -1,0 +1,440 @@
+//! Scenario files: the fleet, the demand on it, faults, and the SLO a run must meet, in TOML.
+//! Every engine (`sim` today) runs the same file. See `loadtest/scenarios/` for examples and
+//! `docs/OPERATIONS.md` ("Load tests") for the format.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use framecast_shared::gpu::{GpuMode, GpuSpec, models};
+
+/// One scenario.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// A short name for reports.
+    pub name: String,
+    /// Seed of every random draw: the same seed gives the same run.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Simulated length of the run, seconds.
+    pub duration_s: u64,
+    /// The placement strategy (`genre-weighted`, `first-fit`, `round-robin`, `random`,
+    /// `exclusive`); `--strategy` overrides it.
+    #[serde(default = "default_strategy")]
+    pub strategy: String,
+    /// The GPU nodes, per region.
+    pub fleet: Vec<FleetGroup>,
+    /// Who asks for sessions, when and for how long.
+    pub demand: Demand,
+    /// Things that go wrong during the run.
+    #[serde(default)]
+    pub faults: Vec<Fault>,
+    /// What the run must achieve; a miss makes the command exit with status 1.
+    #[serde(default)]
+    pub slo: Slo,
+}
+
+fn default_seed() -> u64 {
+    1
+}
+
+fn default_strategy() -> String {
+    "genre-weighted".into()
+}
+
+/// `[[fleet]]`: identical nodes in one region.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetGroup {
+    /// The region.
+    pub region: String,
+    /// How many nodes.
+    pub nodes: usize,
+    /// The GPU model of every GPU (a built-in model name, e.g. `l4`).
+    pub model: String,
+    /// GPUs per node.
+    pub gpus_per_node: usize,
+    /// How the GPUs are shared.
+    #[serde(default = "default_mode")]
+    pub mode: GpuMode,
+}
+
+fn default_mode() -> GpuMode {
+    GpuMode::EqualSize
+}
+
+/// `[demand]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Demand {
+    /// How requests arrive.
+    pub arrivals: Arrivals,
+    /// Share of requests per tier (weights, any scale).
+    pub tiers: BTreeMap<String, f64>,
+    /// Share of requests per genre (weights, any scale).
+    pub genres: BTreeMap<String, f64>,
+    /// How long sessions last, per genre (log-normal); a genre without an entry uses
+    /// `default`.
+    #[serde(default)]
+    pub session_minutes: BTreeMap<String, LogNormal>,
+    /// Whether requests that find no room wait in the queue (else they are rejected).
+    #[serde(default = "yes")]
+    pub queue: bool,
+    /// Probability that a queued player gives up, per minute of waiting.
+    #[serde(default)]
+    pub abandon_per_minute: f64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A log-normal distribution given by its median and the standard deviation of its log.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogNormal {
+    /// The median.
+    pub median: f64,
+    /// σ of the logarithm (0: always the median).
+    pub sigma: f64,
+}
+
+/// `[demand.arrivals]`: the arrival rate over time (requests per second); arrivals are a
+/// Poisson process at that rate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Arrivals {
+    /// A constant rate.
+    Poisson {
+        /// Requests per second.
+        rate_per_s: f64,
+    },
+    /// A rate rising linearly from `from_per_s` to `to_per_s` over the run.
+    Ramp {
+        /// At the start.
+        from_per_s: f64,
+        /// At the end.
+        to_per_s: f64,
+    },
+    /// A daily curve: a cosine between `trough_per_s` (at `trough_hour`) and `peak_per_s`
+    /// twelve hours later; the run starts at midnight.
+    Daily {
+        /// The lowest rate.
+        trough_per_s: f64,
+        /// The highest rate.
+        peak_per_s: f64,
+        /// The hour of the lowest rate (0–24).
+        #[serde(default = "default_trough_hour")]
+        trough_hour: f64,
+    },
+}
+
+fn default_trough_hour() -> f64 {
+    8.0
+}
+
+/// `[[faults]]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Fault {
+    /// `nodes` nodes (the first ones of the fleet) stop answering at `at_s`; their sessions
+    /// end `node-lost` after the broker's grace period.
+    NodeLoss {
+        /// When, seconds into the run.
+        at_s: u64,
+        /// How many nodes.
+        nodes: usize,
+    },
+}
+
+/// `[slo]`: thresholds a run must meet. Absent ones are not checked.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Slo {
+    /// The largest share of requests rejected (0–1).
+    pub max_rejected_ratio: Option<f64>,
+    /// The longest p99 queue wait, seconds (placed requests that waited).
+    pub max_queue_wait_p99_s: Option<f64>,
+    /// The lowest framebuffer utilisation at the busiest sample (0–1).
+    pub min_peak_framebuffer_utilization: Option<f64>,
+}
+
+/// Why a scenario cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    /// The file cannot be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a scenario.
+    #[error("{path}: {source}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// Why, with the line.
+        source: Box<toml::de::Error>,
+    },
+    /// A field has a value the scenario cannot use.
+    #[error("{path}: {field} = {value}: {rule}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// The field.
+        field: String,
+        /// Its value.
+        value: String,
+        /// The rule it breaks.
+        rule: String,
+    },
+}
+
+impl Scenario {
+    /// Reads and checks the scenario in `path`.
+    pub fn load(path: &Path) -> Result<Self, ScenarioError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
+            path: name.clone(),
+            source,
+        })?;
+        Self::parse(&text, &name)
+    }
+
+    /// Parses and checks a scenario; `path` names it in errors.
+    pub fn parse(text: &str, path: &str) -> Result<Self, ScenarioError> {
+        let scenario: Scenario = toml::from_str(text).map_err(|e| ScenarioError::Parse {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })?;
+        scenario.check(path)?;
+        Ok(scenario)
+    }
+
+    /// The GPU model of a fleet group.
+    pub fn model(group: &FleetGroup) -> Option<GpuSpec> {
+        models::find(&group.model)
+    }
+
+    fn check(&self, path: &str) -> Result<(), ScenarioError> {
+        let bad = |field: &str, value: &dyn std::fmt::Display, rule: &str| {
+            Err(ScenarioError::Invalid {
+                path: path.to_owned(),
+                field: field.to_owned(),
+                value: value.to_string(),
+                rule: rule.to_owned(),
+            })
+        };
+        if self.duration_s == 0 || self.duration_s > 30 * 86_400 {
+            return bad(
+                "duration_s",
+                &self.duration_s,
+                "must be 1..=2592000 (30 days)",
+            );
+        }
+        if framecast_broker::placement::strategy::by_name(&self.strategy, 0).is_none() {
+            return bad(
+                "strategy",
+                &self.strategy,
+                &format!(
+                    "must be one of {}",
+                    framecast_broker::placement::strategy::NAMES.join(", ")
+                ),
+            );
+        }
+        if self.fleet.is_empty() {
+            return bad("fleet", &"[]", "needs at least one [[fleet]] group");
+        }
+        for (i, g) in self.fleet.iter().enumerate() {
+            if Self::model(g).is_none() {
+                return bad(
+                    &format!("fleet.{i}.model"),
+                    &g.model,
+                    "is not a built-in GPU model (see framecast-loadtest models)",
+                );
+            }
+            if g.nodes == 0 || g.nodes > 100_000 {
+                return bad(&format!("fleet.{i}.nodes"), &g.nodes, "must be 1..=100000");
+            }
+            if g.gpus_per_node == 0 || g.gpus_per_node > 16 {
+                return bad(
+                    &format!("fleet.{i}.gpus_per_node"),
+                    &g.gpus_per_node,
+                    "must be 1..=16",
+                );
+            }
+        }
+        let rate_ok = |r: f64| r.is_finite() && (0.0..=100_000.0).contains(&r);
+        let rates = match &self.demand.arrivals {
+            Arrivals::Poisson { rate_per_s } => vec![("rate_per_s", *rate_per_s)],
+            Arrivals::Ramp {
+                from_per_s,
+                to_per_s,
+            } => vec![("from_per_s", *from_per_s), ("to_per_s", *to_per_s)],
+            Arrivals::Daily {
+                trough_per_s,
+                peak_per_s,
+                trough_hour,
+            } => {
+                if !(0.0..=24.0).contains(trough_hour) {
+                    return bad("demand.arrivals.trough_hour", trough_hour, "must be 0..=24");
+                }
+                vec![("trough_per_s", *trough_per_s), ("peak_per_s", *peak_per_s)]
+            }
+        };
+        for (field, r) in rates {
+            if !rate_ok(r) {
+                return bad(
+                    &format!("demand.arrivals.{field}"),
+                    &r,
+                    "must be a rate of 0..=100000 per second",
+                );
+            }
+        }
+        for (table, weights) in [
+            ("tiers", &self.demand.tiers),
+            ("genres", &self.demand.genres),
+        ] {
+            if weights.is_empty() || weights.values().all(|w| *w <= 0.0) {
+                return bad(
+                    &format!("demand.{table}"),
+                    &"{}",
+                    "needs at least one positive weight",
+                );
+            }
+            for (k, w) in weights {
+                if !w.is_finite() || *w < 0.0 {
+                    return bad(&format!("demand.{table}.{k}"), w, "must be a weight ≥ 0");
+                }
+            }
+        }
+        for (genre, d) in &self.demand.session_minutes {
+            if !(d.median.is_finite() && d.median > 0.0 && d.median <= 24.0 * 60.0) {
+                return bad(
+                    &format!("demand.session_minutes.{genre}.median"),
+                    &d.median,
+                    "must be minutes in (0, 1440]",
+                );
+            }
+            if !(d.sigma.is_finite() && (0.0..=3.0).contains(&d.sigma)) {
+                return bad(
+                    &format!("demand.session_minutes.{genre}.sigma"),
+                    &d.sigma,
+                    "must be 0..=3",
+                );
+            }
+        }
+        if !(0.0..=1.0).contains(&self.demand.abandon_per_minute) {
+            return bad(
+                "demand.abandon_per_minute",
+                &self.demand.abandon_per_minute,
+                "must be a probability 0..=1",
+            );
+        }
+        let total_nodes: usize = self.fleet.iter().map(|g| g.nodes).sum();
+        for (i, f) in self.faults.iter().enumerate() {
+            let Fault::NodeLoss { at_s, nodes } = f;
+            if *at_s >= self.duration_s {
+                return bad(
+                    &format!("faults.{i}.at_s"),
+                    at_s,
+                    "must fall inside the run",
+                );
+            }
+            if *nodes == 0 || *nodes > total_nodes {
+                return bad(
+                    &format!("faults.{i}.nodes"),
+                    nodes,
+                    &format!("must be 1..={total_nodes} (the fleet's nodes)"),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMOKE: &str = r#"
+name = "t"
+duration_s = 600
+
+[[fleet]]
+region = "eu"
+nodes = 2
+model = "l4"
+gpus_per_node = 2
+
+[demand]
+arrivals = { kind = "poisson", rate_per_s = 0.5 }
+tiers = { "720p" = 1 }
+genres = { fps = 1 }
+"#;
+
+    #[test]
+    fn a_minimal_scenario_takes_the_defaults() {
+        let s = Scenario::parse(SMOKE, "t.toml").unwrap();
+        assert_eq!((s.seed, s.strategy.as_str()), (1, "genre-weighted"));
+        assert_eq!(s.fleet[0].mode, GpuMode::EqualSize);
+        assert!(s.demand.queue);
+    }
+
+    #[test]
+    fn errors_name_the_file_the_field_and_the_rule() {
+        let cases = [
+            (
+                SMOKE.replace("\"l4\"", "\"voodoo\""),
+                "t.toml: fleet.0.model = voodoo",
+            ),
+            (
+                SMOKE.replace("rate_per_s = 0.5", "rate_per_s = -1"),
+                "demand.arrivals.rate_per_s = -1",
+            ),
+            (
+                SMOKE.replace("duration_s = 600", "duration_s = 0"),
+                "duration_s = 0",
+            ),
+            (
+                format!("{SMOKE}\n[[faults]]\nkind = \"node-loss\"\nat_s = 10\nnodes = 3\n"),
+                "faults.0.nodes = 3: must be 1..=2",
+            ),
+            (
+                format!("strategy = \"best\"\n{SMOKE}"),
+                "strategy = best: must be one of",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = Scenario::parse(&text, "t.toml").unwrap_err().to_string();
+            assert!(err.contains(want), "{err} lacks {want}");
+        }
+        let unknown = Scenario::parse(&format!("colour = 1\n{SMOKE}"), "t.toml").unwrap_err();
+        assert!(unknown.to_string().contains("colour"), "{unknown}");
+    }
+
+    #[test]
+    fn the_shipped_scenarios_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let s = Scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            names.push(s.name);
+        }
+        names.sort();
+        for want in [
+            "evening-peak",
+            "fleet-10k",
+            "mixed-tier-stress",
+            "node-loss",
+            "smoke",
+        ] {
+            assert!(names.iter().any(|n| n == want), "{want} missing: {names:?}");
+        }
+    }
+}
