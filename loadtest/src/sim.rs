@@ -7,7 +7,9 @@
 //! minute the fleet's use is sampled for the timeline.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap};
+
+use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -151,8 +153,9 @@ pub fn run(scenario: &Scenario, strategy_name: Option<&str>) -> Result<Report, S
     }
 
     let mut stats = Counts::default();
-    let mut live: HashMap<u64, Live> = HashMap::new();
-    let mut by_id: HashMap<SessionId, u64> = HashMap::new();
+    // Fx hashing: the maps are keyed by our own counters and ids, and are on the hot path.
+    let mut live: FxHashMap<u64, Live> = FxHashMap::default();
+    let mut by_id: FxHashMap<SessionId, u64> = FxHashMap::default();
     let mut waits = Histogram::<u64>::new(3).map_err(|e| setup(&e))?;
     let mut timeline = Vec::new();
     let mut arrivals = 0u64;
