@@ -21,6 +21,22 @@ pub struct EncoderSettings {
     pub bitrate_kbps: u32,
 }
 
+impl EncoderSettings {
+    /// `Ok` when `frame` has the size these settings encode.
+    pub fn check_size(&self, frame: &I420Frame) -> Result<(), EncodeError> {
+        if frame.width() == self.width && frame.height() == self.height {
+            Ok(())
+        } else {
+            Err(EncodeError::WrongSize {
+                width: self.width,
+                height: self.height,
+                got_width: frame.width(),
+                got_height: frame.height(),
+            })
+        }
+    }
+}
+
 /// One encoded picture.
 #[derive(Debug, Clone)]
 pub struct EncodedFrame {
@@ -201,14 +217,7 @@ impl VideoEncoder for SoftwareH264 {
     }
 
     fn encode(&mut self, frame: &I420Frame, keyframe: bool) -> Result<EncodedFrame, EncodeError> {
-        if frame.width() != self.settings.width || frame.height() != self.settings.height {
-            return Err(EncodeError::WrongSize {
-                width: self.settings.width,
-                height: self.settings.height,
-                got_width: frame.width(),
-                got_height: frame.height(),
-            });
-        }
+        self.settings.check_size(frame)?;
         if keyframe {
             self.encoder.force_intra_frame();
         }

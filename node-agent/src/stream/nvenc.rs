@@ -232,14 +232,7 @@ impl VideoEncoder for NvencH264 {
     }
 
     fn encode(&mut self, frame: &I420Frame, keyframe: bool) -> Result<EncodedFrame, EncodeError> {
-        if frame.width() != self.settings.width || frame.height() != self.settings.height {
-            return Err(EncodeError::WrongSize {
-                width: self.settings.width,
-                height: self.settings.height,
-                got_width: frame.width(),
-                got_height: frame.height(),
-            });
-        }
+        self.settings.check_size(frame)?;
         let mut picture = self.staging.take().unwrap_or_default();
         pack_nv12(frame, self.pitch, &mut picture);
         match self.call(Request::Host { picture, keyframe })? {
