@@ -183,18 +183,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FRAMECAST_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    logging();
+    ops::init_logging();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

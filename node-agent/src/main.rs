@@ -107,13 +107,7 @@ fn exec_in_cgroup(dir: &Path, program: &[std::ffi::OsString]) -> ExitCode {
 
 #[allow(clippy::print_stderr)] // the process's last words
 fn run(config: &ConfigArgs, simulate: Option<&Path>) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FRAMECAST_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    framecast_shared::ops::init_logging();
     let cfg = match config.load::<AgentConfig>() {
         Ok(cfg) => cfg,
         Err(e) => return report(Err(e)),

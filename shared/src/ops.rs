@@ -18,6 +18,18 @@ pub use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// Sends the process's log to stderr, filtered by `FRAMECAST_LOG` (an `EnvFilter` directive;
+/// `info` when unset or unusable). Call once, first thing.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FRAMECAST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// How long a gauge nobody sets stays exported.
 pub const GAUGE_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
