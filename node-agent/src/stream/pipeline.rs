@@ -166,8 +166,8 @@ impl Worker {
         let counters = &shared.counters;
         let mut number: u64 = 0;
         let mut next = Instant::now();
-        let mut last = next.checked_sub(interval).unwrap_or(next);
-        let mut last_sent: Option<Instant> = None;
+        // When the previous picture was started: paces early pictures, and times the RTP clock.
+        let mut last: Option<Instant> = None;
         tracing::debug!(
             source = self.source.name(),
             encoder = self.encoder.name(),
@@ -186,7 +186,7 @@ impl Worker {
                 // Wait for the frame clock, or render early for input: at the soonest half an
                 // interval after the last picture, so input cannot raise the frame rate past
                 // twice the stream's.
-                let soonest = last + interval / 2;
+                let soonest = last.map_or(now, |l| l + interval / 2);
                 if !self.shared.input_waiting.load(Ordering::Relaxed) {
                     thread::park_timeout(next - now);
                     continue;
@@ -200,7 +200,7 @@ impl Worker {
             }
             self.apply_inputs();
             let started = Instant::now();
-            last = started;
+            let previous = last.replace(started);
             if let Err(e) = self.source.render(number, &mut frame) {
                 tracing::error!(error = %e, "the frame source failed; the stream stops");
                 return Err(());
@@ -230,8 +230,7 @@ impl Worker {
                 // The track advances the RTP clock by each picture's duration. Real time since
                 // the previous picture keeps it with the wall clock through early pictures and
                 // skips (lagging by one picture), where a fixed interval would drift.
-                let duration = last_sent.map_or(interval, |t| started.saturating_duration_since(t));
-                last_sent = Some(started);
+                let duration = previous.map_or(interval, |t| started.saturating_duration_since(t));
                 let sent = self
                     .runtime
                     .block_on(self.peer.send_video(encoded.data, duration));

@@ -505,13 +505,8 @@ fn build_pipeline(
 /// A session id short enough for a thread name (15 bytes on Linux).
 fn short(session: &SessionId) -> String {
     let s = session.to_string();
-    s.chars()
-        .rev()
-        .take(8)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect()
+    // A session id is ASCII (a UUID), so any byte offset is a character boundary.
+    s.get(s.len().saturating_sub(8)..).unwrap_or(&s).to_owned()
 }
 
 /// One stream's event loop.
