@@ -349,14 +349,7 @@ async fn operators_cordon_and_drain_nodes_and_others_may_not() {
         .status,
         204
     );
-    let listed = get(addr, "/v1/nodes").await.json();
-    let drained = listed
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node_id"] == b.as_str())
-        .unwrap()
-        .clone();
+    let drained = node_view(addr, &b).await;
     assert_eq!(drained["state"], "draining");
     let r = post(
         addr,
@@ -494,14 +487,7 @@ async fn sessions_on_a_lost_node_end_with_node_lost() {
     let ended = timeout(LIMIT, stream.next()).await.unwrap();
     assert_eq!(ended["state"], "ended");
     assert_eq!(ended["end_reason"], "node-lost");
-    let nodes = get(addr, "/v1/nodes").await.json();
-    let lost = nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node_id"] == node.as_str())
-        .unwrap()
-        .clone();
+    let lost = node_view(addr, node.as_str()).await;
     assert_eq!(lost["state"], "down");
     // New sessions go to the node that is left.
     let r = post(
@@ -650,6 +636,18 @@ async fn after_a_restart_the_broker_finds_its_sessions_and_idempotency_keys_agai
     assert_eq!(again.status, 201, "{}", again.body);
     assert_eq!(again.json()["session_id"], id);
     dev.stop().await;
+}
+
+/// `node` as `GET /v1/nodes` lists it.
+async fn node_view(addr: SocketAddr, node: &str) -> serde_json::Value {
+    let nodes = get(addr, "/v1/nodes").await.json();
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node_id"] == node)
+        .unwrap_or_else(|| panic!("{node} is not listed: {nodes}"))
+        .clone()
 }
 
 async fn all_connected(addr: SocketAddr, nodes: usize) {

@@ -766,6 +766,22 @@ mod tests {
         })
     }
 
+    /// A broker's welcome with its token key and tiers.
+    fn welcome(
+        token_public_key: Vec<u8>,
+        tiers: Vec<TierPreset>,
+    ) -> framecast_shared::protocol::Welcome {
+        framecast_shared::protocol::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            broker_version: "test".into(),
+            region: RegionName::new("eu").unwrap(),
+            generation: 5,
+            heartbeat_interval_ms: 1000,
+            token_public_key,
+            tiers,
+        }
+    }
+
     fn free_encoder(core: &AgentCore, gpu: usize) -> EncoderUnits {
         core.heartbeat(1, 1).gpus[gpu].free_encoder
     }
@@ -882,7 +898,6 @@ mod tests {
 
     #[test]
     fn tokens_are_checked_offline_with_the_welcoming_brokers_key() {
-        use framecast_shared::protocol::Welcome;
         use framecast_shared::token::TokenSigner;
         let mut c = core();
         let broker = TokenSigner::generate().unwrap();
@@ -898,15 +913,7 @@ mod tests {
             c.verify_token(&good, T0),
             Err(TokenRefusal::NoKey)
         ));
-        c.welcomed(&Welcome {
-            protocol_version: PROTOCOL_VERSION,
-            broker_version: "test".into(),
-            region: RegionName::new("eu").unwrap(),
-            generation: 5,
-            heartbeat_interval_ms: 1000,
-            token_public_key: broker.public_key().to_vec(),
-            tiers: Vec::new(),
-        });
+        c.welcomed(&welcome(broker.public_key().to_vec(), Vec::new()));
         assert!(matches!(
             c.verify_token(&good, T0),
             Err(TokenRefusal::UnknownSession(_))
@@ -932,7 +939,6 @@ mod tests {
 
     #[test]
     fn the_brokers_tiers_replace_the_built_in_ones() {
-        use framecast_shared::protocol::Welcome;
         let mut c = core();
         let mut retro = TierPreset::defaults().remove(0);
         retro.name = TierName::new("480p").unwrap();
@@ -942,15 +948,7 @@ mod tests {
         r.tier = retro.name.clone();
         let refused = c.handle(Message::Reserve(r.clone()));
         assert!(matches!(refused.as_slice(), [Message::Rejected(_)]));
-        c.welcomed(&Welcome {
-            protocol_version: PROTOCOL_VERSION,
-            broker_version: "test".into(),
-            region: RegionName::new("eu").unwrap(),
-            generation: 5,
-            heartbeat_interval_ms: 1000,
-            token_public_key: vec![0; 32],
-            tiers: vec![retro],
-        });
+        c.welcomed(&welcome(vec![0; 32], vec![retro]));
         let taken = c.handle(Message::Reserve(r));
         assert!(
             matches!(taken.as_slice(), [Message::Reserved(_)]),
