@@ -3,15 +3,14 @@
 //! Every GPU that can take a session sits in the sets below that describe it; a mutation
 //! takes the GPU out of all of them, changes it, and puts it back where it now belongs
 //! ([`Indices::remove`], [`Indices::insert`]). Each set exists twice: an insertion-ordered
-//! [`IndexSet`] for O(1) sampling and a [`BTreeSet`] for the lowest index (first-fit,
+//! [`IndexSet`] for O(1) sampling and a [`DenseSet`] for the lowest index (first-fit,
 //! round-robin).
-
-use std::collections::BTreeSet;
 
 use indexmap::IndexSet;
 use rustc_hash::{FxBuildHasher, FxHashMap};
 
 use super::catalog::{GameIdx, ProfileIdx, RegionIdx, SpecIdx, TierIdx};
+use super::dense_set::DenseSet;
 use super::fleet::GpuIdx;
 
 type FxIndexSet<T> = IndexSet<T, FxBuildHasher>;
@@ -35,10 +34,10 @@ pub struct Membership {
 #[derive(Debug, Default)]
 pub struct Buckets {
     /// `by_free[n]` holds the GPUs with `n` free slots; `by_free[0]` stays empty.
-    by_free: Vec<BTreeSet<GpuIdx>>,
+    by_free: Vec<DenseSet>,
     /// Bit `n` is set when `by_free[n]` is not empty.
     mask: u64,
-    ordered: BTreeSet<GpuIdx>,
+    ordered: DenseSet,
     /// The same members, for O(1) uniform sampling.
     items: FxIndexSet<GpuIdx>,
 }
@@ -47,7 +46,7 @@ impl Buckets {
     fn insert(&mut self, gpu: GpuIdx, free: u16) {
         let n = bucket(free);
         if self.by_free.len() <= n {
-            self.by_free.resize_with(n + 1, BTreeSet::default);
+            self.by_free.resize_with(n + 1, DenseSet::default);
         }
         if let Some(set) = self.by_free.get_mut(n) {
             set.insert(gpu);
@@ -60,12 +59,12 @@ impl Buckets {
     fn remove(&mut self, gpu: GpuIdx, free: u16) {
         let n = bucket(free);
         if let Some(set) = self.by_free.get_mut(n) {
-            set.remove(&gpu);
+            set.remove(gpu);
             if set.is_empty() {
                 self.mask &= !(1 << n);
             }
         }
-        self.ordered.remove(&gpu);
+        self.ordered.remove(gpu);
         self.items.swap_remove(&gpu);
     }
 
@@ -84,7 +83,7 @@ impl Buckets {
             let Some(set) = usize::try_from(n).ok().and_then(|n| self.by_free.get(n)) else {
                 continue;
             };
-            for &gpu in set.iter().take(k - taken) {
+            for gpu in set.iter().take(k - taken) {
                 out.push(gpu);
                 taken += 1;
             }
@@ -108,7 +107,7 @@ impl Buckets {
 
     /// GPUs numbered `from` or more, lowest first.
     pub fn iter_from(&self, from: GpuIdx) -> impl Iterator<Item = GpuIdx> + '_ {
-        self.ordered.range(from..).copied()
+        self.ordered.iter_from(from)
     }
 }
 
@@ -122,7 +121,7 @@ fn bucket(free: u16) -> usize {
 #[derive(Debug, Default)]
 pub struct Set {
     items: FxIndexSet<GpuIdx>,
-    ordered: BTreeSet<GpuIdx>,
+    ordered: DenseSet,
 }
 
 impl Set {
@@ -133,7 +132,7 @@ impl Set {
 
     fn remove(&mut self, gpu: GpuIdx) {
         self.items.swap_remove(&gpu);
-        self.ordered.remove(&gpu);
+        self.ordered.remove(gpu);
     }
 
     /// Up to `k` members, in insertion order.
@@ -158,7 +157,7 @@ impl Set {
 
     /// Members numbered `from` or more, lowest first.
     pub fn iter_from(&self, from: GpuIdx) -> impl Iterator<Item = GpuIdx> + '_ {
-        self.ordered.range(from..).copied()
+        self.ordered.iter_from(from)
     }
 }
 

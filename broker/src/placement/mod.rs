@@ -5,7 +5,7 @@
 //!
 //! - [`catalog`]: tiers, genres, GPU models and which profile serves which tier;
 //! - [`fleet`]: nodes, GPUs, slots and their accounting;
-//! - [`index`]: the indices that keep a decision from scanning the fleet;
+//! - [`index`]: the indices that keep a decision from scanning the fleet, over [`dense_set`];
 //! - [`score`]: the genre-weighted score;
 //! - [`strategy`]: the scorer and the baselines behind one trait;
 //! - [`queue`]: per-tier queues with priority classes;
@@ -15,6 +15,7 @@
 
 pub mod bound;
 pub mod catalog;
+pub mod dense_set;
 pub mod engine;
 pub mod fleet;
 pub mod index;
