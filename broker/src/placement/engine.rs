@@ -170,6 +170,13 @@ pub struct Stats {
     pub encoder_used: u64,
     /// Compute in use, thousandths of a sixteenth, over all GPUs.
     pub compute_used: u64,
+    /// Free framebuffer, MB, on GPUs where not one more session of the smallest waiting tier
+    /// fits (the smallest tier of all when nobody waits): what fragmentation strands.
+    pub fb_stranded_mb: u64,
+    /// Framebuffer of the GPUs holding at least one session, MB.
+    pub fb_of_gpus_in_use_mb: u64,
+    /// The most sessions one GPU holds.
+    pub max_sessions_per_gpu: u16,
 }
 
 use serde::Serialize;
@@ -1398,7 +1405,21 @@ impl Engine {
             queued: self.queue.len(),
             ..Stats::default()
         };
-        for gpu in self.fleet.gpus.iter().filter(|g| g.present) {
+        let catalog = &self.fleet.catalog;
+        let fb_of = |t: &TierIdx| {
+            catalog
+                .tier(*t)
+                .map_or(u64::MAX, |p| p.framebuffer.megabytes().get())
+        };
+        let smallest = self.queue.waiting_tiers().min_by_key(fb_of).or_else(|| {
+            (0..catalog.tiers().len())
+                .filter_map(|i| TierIdx::try_from(i).ok())
+                .min_by_key(fb_of)
+        });
+        for (idx, gpu) in self.fleet.gpus.iter().enumerate() {
+            if !gpu.present {
+                continue;
+            }
             let Some(spec) = self.fleet.catalog.spec(gpu.spec) else {
                 continue;
             };
@@ -1408,12 +1429,22 @@ impl Engine {
             }
             if gpu.held > 0 {
                 s.gpus_in_use += 1;
+                s.fb_of_gpus_in_use_mb += spec.framebuffer.get();
+                s.max_sessions_per_gpu = s.max_sessions_per_gpu.max(gpu.held);
             }
             s.fb_total_mb += spec.framebuffer.get();
             s.fb_used_mb += gpu.used.fb_mb;
             s.encoder_total += u64::from(spec.encoder_capacity.milli());
             s.encoder_used += u64::from(gpu.used.encoder);
             s.compute_used += u64::from(gpu.used.compute);
+            let free_mb = spec.framebuffer.get().saturating_sub(gpu.used.fb_mb);
+            let stranded = smallest.is_some_and(|t| {
+                GpuIdx::try_from(idx)
+                    .is_ok_and(|g| self.fleet.free_sessions_of_tier(g, t) == Some(0))
+            });
+            if free_mb > 0 && stranded {
+                s.fb_stranded_mb += free_mb;
+            }
         }
         s
     }

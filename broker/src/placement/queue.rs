@@ -75,6 +75,15 @@ impl Queues {
         self.index.is_empty()
     }
 
+    /// The tiers with at least one request waiting.
+    pub fn waiting_tiers(&self) -> impl Iterator<Item = TierIdx> + '_ {
+        self.by_tier
+            .iter()
+            .enumerate()
+            .filter(|(_, classes)| classes.iter().any(|c| !c.is_empty()))
+            .filter_map(|(i, _)| TierIdx::try_from(i).ok())
+    }
+
     /// Whether `session` waits.
     pub fn contains(&self, session: &SessionId) -> bool {
         self.index.contains_key(session)
