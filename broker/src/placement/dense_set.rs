@@ -1,9 +1,11 @@
-//! An ordered set of small dense integers (GPU indices) as a two-level bitmap: insert and
-//! remove in O(1), iteration from any value upwards in ascending order, skipping empty
-//! stretches 4 096 values at a time.
+//! Sets of small dense integers (GPU indices) for the placement indices, which move a GPU
+//! between sets on every placement and release:
 //!
-//! The placement indices move a GPU between sets on every placement and release; with tens of
-//! thousands of GPUs a balanced tree spent most of a decision on rebalancing.
+//! - [`DenseSet`]: ascending order, as a two-level bitmap: insert and remove in O(1),
+//!   iteration from any value upwards, skipping empty stretches 4 096 values at a time (with
+//!   tens of thousands of GPUs a balanced tree spent most of a decision on rebalancing);
+//! - [`SampleSet`]: insertion order with swap-removal and O(1) access by position (uniform
+//!   sampling), positions kept in an array by value instead of a hash table.
 
 /// A set of `u32` values, ascending.
 #[derive(Debug, Clone, Default)]
@@ -127,6 +129,77 @@ impl Iterator for Iter<'_> {
     }
 }
 
+/// A set of `u32` values in insertion order, where removing one moves the last into its
+/// place (as `IndexSet::swap_remove`).
+#[derive(Debug, Clone, Default)]
+pub struct SampleSet {
+    items: Vec<u32>,
+    /// `pos[v]`: where `v` is in `items`, [`ABSENT`] when it is not a member.
+    pos: Vec<u32>,
+}
+
+const ABSENT: u32 = u32::MAX;
+
+impl SampleSet {
+    /// Adds `v` at the end; returns whether it was new.
+    pub fn insert(&mut self, v: u32) -> bool {
+        let i = v as usize;
+        if self.pos.len() <= i {
+            self.pos.resize(i + 1, ABSENT);
+        }
+        let Ok(at) = u32::try_from(self.items.len()) else {
+            return false;
+        };
+        match self.pos.get_mut(i) {
+            Some(p) if *p == ABSENT => {
+                *p = at;
+                self.items.push(v);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes `v`, moving the last member into its place; returns whether it was a member.
+    pub fn remove(&mut self, v: u32) -> bool {
+        let Some(p) = self.pos.get_mut(v as usize) else {
+            return false;
+        };
+        if *p == ABSENT {
+            return false;
+        }
+        let at = *p as usize;
+        *p = ABSENT;
+        self.items.swap_remove(at);
+        if let Some(&moved) = self.items.get(at)
+            && let Some(mp) = self.pos.get_mut(moved as usize)
+        {
+            *mp = u32::try_from(at).unwrap_or(ABSENT);
+        }
+        true
+    }
+
+    /// The member at position `i`.
+    pub fn get_index(&self, i: usize) -> Option<u32> {
+        self.items.get(i).copied()
+    }
+
+    /// Members in their order.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.items.iter().copied()
+    }
+
+    /// How many members.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether there are no members.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
 /// The word of `v` and its bit in it.
 fn split(v: u32) -> (usize, u64) {
     // u32 → usize is lossless on every target this builds for (32 and 64 bits).
@@ -166,6 +239,28 @@ mod tests {
             );
             for v in [0, 63, 64, 4095, 4096, 19_999] {
                 prop_assert_eq!(dense.contains(v), tree.contains(&v));
+            }
+        }
+    }
+
+    proptest! {
+        /// The same members in the same order as an `IndexSet` with swap-removal.
+        #[test]
+        fn sample_set_behaves_like_an_index_set(
+            ops in proptest::collection::vec((any::<bool>(), 0u32..300), 0..400),
+        ) {
+            let mut mine = SampleSet::default();
+            let mut theirs = indexmap::IndexSet::<u32>::new();
+            for (add, v) in ops {
+                if add {
+                    prop_assert_eq!(mine.insert(v), theirs.insert(v));
+                } else {
+                    prop_assert_eq!(mine.remove(v), theirs.swap_remove(&v));
+                }
+                prop_assert_eq!(mine.iter().collect::<Vec<_>>(), theirs.iter().copied().collect::<Vec<_>>());
+            }
+            for i in 0..theirs.len() + 1 {
+                prop_assert_eq!(mine.get_index(i), theirs.get_index(i).copied());
             }
         }
     }

@@ -3,14 +3,14 @@
 //! Every GPU that can take a session sits in the sets below that describe it; a mutation
 //! takes the GPU out of all of them, changes it, and puts it back where it now belongs
 //! ([`Indices::remove`], [`Indices::insert`]). Each set exists twice: an insertion-ordered
-//! [`IndexSet`] for O(1) sampling and a [`DenseSet`] for the lowest index (first-fit,
+//! [`SampleSet`] for O(1) sampling and a [`DenseSet`] for the lowest index (first-fit,
 //! round-robin).
 
 use indexmap::IndexSet;
 use rustc_hash::{FxBuildHasher, FxHashMap};
 
 use super::catalog::{GameIdx, ProfileIdx, RegionIdx, SpecIdx, TierIdx};
-use super::dense_set::DenseSet;
+use super::dense_set::{DenseSet, SampleSet};
 use super::fleet::GpuIdx;
 
 type FxIndexSet<T> = IndexSet<T, FxBuildHasher>;
@@ -39,7 +39,7 @@ pub struct Buckets {
     mask: u64,
     ordered: DenseSet,
     /// The same members, for O(1) uniform sampling.
-    items: FxIndexSet<GpuIdx>,
+    items: SampleSet,
 }
 
 impl Buckets {
@@ -65,7 +65,7 @@ impl Buckets {
             }
         }
         self.ordered.remove(gpu);
-        self.items.swap_remove(&gpu);
+        self.items.remove(gpu);
     }
 
     /// Up to `k` GPUs, fullest first (fewest free slots) when `fullest_first`, else emptiest
@@ -102,7 +102,7 @@ impl Buckets {
 
     /// The `i`-th GPU in insertion order (for uniform sampling).
     pub fn nth(&self, i: usize) -> Option<GpuIdx> {
-        self.items.get_index(i).copied()
+        self.items.get_index(i)
     }
 
     /// GPUs numbered `from` or more, lowest first.
@@ -120,7 +120,7 @@ fn bucket(free: u16) -> usize {
 /// A plain set with both an order of insertion and an order of index.
 #[derive(Debug, Default)]
 pub struct Set {
-    items: FxIndexSet<GpuIdx>,
+    items: SampleSet,
     ordered: DenseSet,
 }
 
@@ -131,13 +131,13 @@ impl Set {
     }
 
     fn remove(&mut self, gpu: GpuIdx) {
-        self.items.swap_remove(&gpu);
+        self.items.remove(gpu);
         self.ordered.remove(gpu);
     }
 
     /// Up to `k` members, in insertion order.
     pub fn take(&self, k: usize, out: &mut Vec<GpuIdx>) {
-        out.extend(self.items.iter().take(k).copied());
+        out.extend(self.items.iter().take(k));
     }
 
     /// Members.
@@ -152,7 +152,7 @@ impl Set {
 
     /// The `i`-th member in insertion order.
     pub fn nth(&self, i: usize) -> Option<GpuIdx> {
-        self.items.get_index(i).copied()
+        self.items.get_index(i)
     }
 
     /// Members numbered `from` or more, lowest first.
