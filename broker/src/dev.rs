@@ -34,8 +34,32 @@ pub struct DevOptions {
     pub data_dir: Option<PathBuf>,
     /// The development API key.
     pub api_key: String,
-    /// Changes to the broker's configuration (tests shorten timers with it).
-    pub tune: Option<fn(&mut BrokerConfig)>,
+    /// Changes to the broker's configuration (tests shorten timers with it; the load test
+    /// scales them to its time compression).
+    pub tune: Option<Tune>,
+}
+
+/// A change to the broker's configuration, applied before it starts (and kept for restarts):
+/// a closure, so that it may carry values (a load test's speed factor).
+#[derive(Clone)]
+pub struct Tune(Arc<dyn Fn(&mut BrokerConfig) + Send + Sync>);
+
+impl Tune {
+    /// Wraps `f`.
+    pub fn new(f: impl Fn(&mut BrokerConfig) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// Applies the change to `config`.
+    pub fn apply(&self, config: &mut BrokerConfig) {
+        (self.0)(config);
+    }
+}
+
+impl std::fmt::Debug for Tune {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tune(..)")
+    }
 }
 
 impl Default for DevOptions {
@@ -198,8 +222,8 @@ pub async fn start_dev(options: DevOptions) -> anyhow::Result<Dev> {
     let token_key = root.join("token.key");
     let signer = TokenSigner::load_or_create(&token_key)?;
     let mut config = broker_config(&options, &root)?;
-    if let Some(tune) = options.tune {
-        tune(&mut config);
+    if let Some(tune) = &options.tune {
+        tune.apply(&mut config);
     }
     let tls = Arc::new(server_tls);
     let broker = start_with(

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use framecast_broker::api::RouterOptions;
-use framecast_broker::dev::{Dev, DevOptions, start_dev};
+use framecast_broker::dev::{Dev, DevOptions, Tune, start_dev};
 use framecast_broker::service::Broker;
 use framecast_shared::config::BrokerConfig;
 use framecast_shared::ids::TierName;
@@ -36,7 +36,7 @@ async fn dev(tune: Option<fn(&mut BrokerConfig)>) -> Dev {
         nodes: 0,
         http: SocketAddr::from(([127, 0, 0, 1], 0)),
         api_key: KEY.into(),
-        tune,
+        tune: tune.map(Tune::new),
         ..DevOptions::default()
     })
     .await

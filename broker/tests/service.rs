@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::time::timeout;
 
-use framecast_broker::dev::{Dev, DevOptions, start_dev};
+use framecast_broker::dev::{Dev, DevOptions, Tune, start_dev};
 use framecast_shared::config::BrokerConfig;
 use framecast_shared::ids::{NodeId, SessionId};
 use framecast_shared::time::Timestamp;
@@ -35,7 +35,7 @@ async fn dev_with(nodes: usize, gpus: u32, tune: Option<fn(&mut BrokerConfig)>) 
         http: SocketAddr::from(([127, 0, 0, 1], 0)),
         data_dir: None,
         api_key: KEY.into(),
-        tune,
+        tune: tune.map(Tune::new),
     })
     .await
     .unwrap();
