@@ -1,15 +1,18 @@
 //! `framecast-loadtest`: proves a fleet's capacity and latency before GPUs are bought.
 
-use framecast_loadtest::{scenario, sim};
+use framecast_loadtest::report::Report;
+use framecast_loadtest::{compare, html, live, plan, scenario, sim, webrtc};
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use framecast_broker::placement::strategy;
 use framecast_shared::config::{BrokerConfig, ConfigArgs};
 use framecast_shared::gpu::{CapacityLimit, GpuSpec, models};
 use framecast_shared::tier::TierPreset;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 /// Framecast load-test simulator and capacity planner.
 #[derive(Debug, Parser)]
@@ -28,22 +31,73 @@ enum Command {
         config: ConfigArgs,
     },
     /// Run a scenario on a virtual clock against the real placement engine, in-process:
-    /// prints a summary, writes the JSON report with --json, and exits with status 1 when an
-    /// SLO of the scenario fails (2 when the scenario is unusable).
+    /// prints a summary, writes the reports asked for, and exits with status 1 when an SLO of
+    /// the scenario fails (2 when the scenario or a flag is unusable). With several strategies
+    /// (`--strategy all`, or a list) the same demand runs under each, side by side, with the
+    /// one-GPU-per-player headline when `exclusive` and `genre-weighted` are among them.
     Sim {
         /// The scenario file (see loadtest/scenarios/).
         scenario: PathBuf,
-        /// The placement strategy, instead of the scenario's (`genre-weighted`, `first-fit`,
-        /// `round-robin`, `random`, `exclusive`).
+        /// The placement strategy instead of the scenario's: `genre-weighted`, `first-fit`,
+        /// `round-robin`, `random`, `exclusive`, a comma-separated list, or `all`.
         #[arg(long)]
         strategy: Option<String>,
         /// Another seed than the scenario's.
         #[arg(long)]
         seed: Option<u64>,
-        /// Write the JSON report here.
-        #[arg(long)]
-        json: Option<PathBuf>,
+        #[command(flatten)]
+        out: Outputs,
     },
+    /// Find the smallest fleet (the scenario's, scaled as a whole) that meets the scenario's
+    /// SLO for its demand, by running `sim` on fleets of different sizes. Exits 1 when no
+    /// fleet up to --max-nodes does.
+    Plan {
+        /// The scenario file.
+        scenario: PathBuf,
+        /// SLO thresholds instead of (or besides) the scenario's, e.g.
+        /// `--slo max_queue_wait_p99_s=5` (repeatable).
+        #[arg(long, value_name = "KEY=VALUE")]
+        slo: Vec<String>,
+        /// The largest fleet to try, nodes.
+        #[arg(long, default_value_t = 100_000)]
+        max_nodes: u64,
+        /// The placement strategy instead of the scenario's.
+        #[arg(long)]
+        strategy: Option<String>,
+        #[command(flatten)]
+        out: Outputs,
+    },
+    /// Run a scenario against a real broker and agents over HTTP and QUIC on loopback (started
+    /// here on simulated GPUs, or an existing broker with --broker), open-loop, with allocation
+    /// latency measured from each request's intended send time. Exits 1 when an SLO fails.
+    Live {
+        /// The scenario file.
+        scenario: PathBuf,
+        #[command(flatten)]
+        options: live::LiveOptions,
+        #[command(flatten)]
+        out: Outputs,
+    },
+    /// Real WebRTC players against dev mode: allocate, connect over WHEP, receive video; steps
+    /// up the number of streams on one node and reports time to first frame, fps and freezes
+    /// per stream, and how many streams the node holds.
+    Webrtc {
+        #[command(flatten)]
+        options: webrtc::WebrtcOptions,
+        #[command(flatten)]
+        out: Outputs,
+    },
+}
+
+/// Where the reports go.
+#[derive(Debug, Args)]
+struct Outputs {
+    /// Write the JSON report here (schema in docs/OPERATIONS.md, "Load tests").
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write a self-contained HTML report with charts here (opens offline).
+    #[arg(long)]
+    html: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -58,40 +112,224 @@ fn main() -> ExitCode {
             scenario,
             strategy,
             seed,
-            json,
-        } => sim_command(&scenario, strategy.as_deref(), seed, json.as_deref()),
+            out,
+        } => sim_command(&scenario, strategy.as_deref(), seed, &out),
+        Command::Plan {
+            scenario,
+            slo,
+            max_nodes,
+            strategy,
+            out,
+        } => plan_command(&scenario, &slo, max_nodes, strategy.as_deref(), &out),
+        Command::Live {
+            scenario,
+            options,
+            out,
+        } => {
+            let scenario = match load(&scenario, None) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let bar = bar(&scenario.name, scenario.duration_s);
+            let report = live::run(&scenario, &options, &bar);
+            bar.finish_and_clear();
+            finish_one(report, &out)
+        }
+        Command::Webrtc { options, out } => {
+            let bar = bar("webrtc", 0);
+            let report = webrtc::run(&options, &bar);
+            bar.finish_and_clear();
+            finish_one(report, &out)
+        }
     }
+}
+
+/// A progress bar of simulated seconds on stderr (drawn only on a terminal).
+fn bar(name: &str, len: u64) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{prefix:>15} [{bar:40}] {pos}/{len} s simulated, {elapsed} ({eta} left) {msg}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(name.to_owned());
+    bar
+}
+
+/// Reads the scenario (exit status 2 when it is unusable).
+// A command-line tool's errors go to the terminal.
+#[allow(clippy::print_stderr)]
+fn load(path: &Path, seed: Option<u64>) -> Result<scenario::Scenario, ExitCode> {
+    match scenario::Scenario::load(path) {
+        Ok(mut s) => {
+            if let Some(seed) = seed {
+                s.seed = seed;
+            }
+            Ok(s)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+/// `--strategy`: one name, a comma-separated list or `all`.
+fn strategies(arg: Option<&str>, scenario: &scenario::Scenario) -> Result<Vec<String>, String> {
+    let Some(arg) = arg else {
+        return Ok(vec![scenario.strategy.clone()]);
+    };
+    if arg == "all" {
+        return Ok(strategy::NAMES.iter().map(|n| (*n).to_owned()).collect());
+    }
+    arg.split(',')
+        .map(str::trim)
+        .map(|name| {
+            if strategy::by_name(name, 0).is_some() {
+                Ok(name.to_owned())
+            } else {
+                Err(format!(
+                    "--strategy {name}: must be one of {}, a comma-separated list, or all",
+                    strategy::NAMES.join(", ")
+                ))
+            }
+        })
+        .collect()
 }
 
 /// `framecast-loadtest sim`.
 // A command-line tool's output goes to the terminal.
 #[allow(clippy::print_stdout, clippy::print_stderr)]
-fn sim_command(
-    path: &std::path::Path,
-    strategy: Option<&str>,
-    seed: Option<u64>,
-    json: Option<&std::path::Path>,
-) -> ExitCode {
-    let mut scenario = match scenario::Scenario::load(path) {
+fn sim_command(path: &Path, strategy: Option<&str>, seed: Option<u64>, out: &Outputs) -> ExitCode {
+    let scenario = match load(path, seed) {
         Ok(s) => s,
+        Err(code) => return code,
+    };
+    let names = match strategies(strategy, &scenario) {
+        Ok(n) => n,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
-    if let Some(seed) = seed {
-        scenario.seed = seed;
+    if let [one] = names.as_slice() {
+        let bar = bar(&scenario.name, scenario.duration_s);
+        let report = sim::run_with_progress(&scenario, Some(one), &bar);
+        bar.finish_and_clear();
+        return finish_one(report, out);
     }
-    if let Some(name) = strategy
-        && framecast_broker::placement::strategy::by_name(name, 0).is_none()
-    {
-        eprintln!(
-            "error: --strategy {name}: must be one of {}",
-            framecast_broker::placement::strategy::NAMES.join(", ")
-        );
+    let bars = MultiProgress::new();
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let comparison = compare::run(&scenario, &names, threads, |name| {
+        bars.add(bar(name, scenario.duration_s))
+    });
+    let comparison = match comparison {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for r in &comparison.runs {
+        println!("{}", r.summary());
+    }
+    print!("{}", comparison.table());
+    let title = format!("{}: {} strategies", scenario.name, names.len());
+    if let Err(code) = write_outputs(out, &comparison, &title, &comparison.runs) {
+        return code;
+    }
+    // The scenario's own strategy decides (the others are for comparison).
+    match comparison.main_run(&scenario.strategy) {
+        Some(r) if r.ok => ExitCode::SUCCESS,
+        Some(r) => {
+            eprintln!("an SLO failed under {}", r.strategy);
+            ExitCode::from(1)
+        }
+        None => ExitCode::from(2),
+    }
+}
+
+/// `framecast-loadtest plan`.
+#[allow(clippy::print_stdout, clippy::print_stderr)]
+fn plan_command(
+    path: &Path,
+    slo: &[String],
+    max_nodes: u64,
+    strategy: Option<&str>,
+    out: &Outputs,
+) -> ExitCode {
+    let mut scenario = match load(path, None) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    if let Err(e) = strategies(strategy, &scenario).and_then(|n| match n.as_slice() {
+        [_] => Ok(()),
+        _ => Err("--strategy: plan takes one strategy".to_owned()),
+    }) {
+        eprintln!("error: {e}");
         return ExitCode::from(2);
     }
-    let report = match sim::run(&scenario, strategy) {
+    if let Err(e) = apply_slo(&mut scenario.slo, slo) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let bar = ProgressBar::new_spinner();
+    if let Ok(style) = ProgressStyle::with_template("{spinner} planning: {pos} fleets tried, {msg}")
+    {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let result = plan::plan(&scenario, strategy, max_nodes, &bar);
+    bar.finish_and_clear();
+    let plan = match result {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    print!("{}", plan.summary());
+    let reports: Vec<Report> = plan.probes.iter().map(|p| p.report.clone()).collect();
+    let title = format!("{}: capacity plan", scenario.name);
+    if let Err(code) = write_outputs(out, &plan, &title, &reports) {
+        return code;
+    }
+    if plan.smallest_nodes.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// `--slo KEY=VALUE` pairs over the scenario's `[slo]`.
+fn apply_slo(slo: &mut scenario::Slo, pairs: &[String]) -> Result<(), String> {
+    for pair in pairs {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("--slo {pair}: must be KEY=VALUE"))?;
+        let value: f64 = value
+            .trim()
+            .parse()
+            .map_err(|_| format!("--slo {pair}: {value} is not a number"))?;
+        let field = match key.trim() {
+            "max_rejected_ratio" => &mut slo.max_rejected_ratio,
+            "max_queue_wait_p99_s" => &mut slo.max_queue_wait_p99_s,
+            "min_peak_framebuffer_utilization" => &mut slo.min_peak_framebuffer_utilization,
+            other => {
+                return Err(format!(
+                    "--slo {other}: must be max_rejected_ratio, max_queue_wait_p99_s or min_peak_framebuffer_utilization"
+                ));
+            }
+        };
+        *field = Some(value);
+    }
+    Ok(())
+}
+
+/// Prints one run's summary, writes its reports, and turns its SLO into the exit status.
+#[allow(clippy::print_stdout, clippy::print_stderr)]
+fn finish_one<E: std::fmt::Display>(report: Result<Report, E>, out: &Outputs) -> ExitCode {
+    let report = match report {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -99,14 +337,9 @@ fn sim_command(
         }
     };
     print!("{}", report.summary());
-    if let Some(out) = json {
-        let written = serde_json::to_string_pretty(&report)
-            .map_err(|e| e.to_string())
-            .and_then(|text| std::fs::write(out, text).map_err(|e| e.to_string()));
-        if let Err(e) = written {
-            eprintln!("error: writing {}: {e}", out.display());
-            return ExitCode::from(2);
-        }
+    let title = format!("{} ({} engine)", report.scenario, report.engine);
+    if let Err(code) = write_outputs(out, &report, &title, std::slice::from_ref(&report)) {
+        return code;
     }
     if report.ok {
         ExitCode::SUCCESS
@@ -114,6 +347,36 @@ fn sim_command(
         eprintln!("an SLO failed");
         ExitCode::from(1)
     }
+}
+
+/// Writes `json` and the HTML report of `reports` where `out` asks.
+#[allow(clippy::print_stderr)]
+fn write_outputs(
+    out: &Outputs,
+    json: &impl serde::Serialize,
+    title: &str,
+    reports: &[Report],
+) -> Result<(), ExitCode> {
+    let mut files = Vec::new();
+    if let Some(path) = &out.json {
+        match serde_json::to_string_pretty(json) {
+            Ok(text) => files.push((path, text)),
+            Err(e) => {
+                eprintln!("error: writing {}: {e}", path.display());
+                return Err(ExitCode::from(2));
+            }
+        }
+    }
+    if let Some(path) = &out.html {
+        files.push((path, html::render(title, reports)));
+    }
+    for (path, text) in files {
+        if let Err(e) = std::fs::write(path, text) {
+            eprintln!("error: writing {}: {e}", path.display());
+            return Err(ExitCode::from(2));
+        }
+    }
+    Ok(())
 }
 
 /// One row per GPU model: its resources, then sessions per GPU for each tier.

@@ -13,13 +13,13 @@ use crate::scenario::Slo;
 pub const SCHEMA: u32 = 1;
 
 /// One run's report.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// The schema version ([`SCHEMA`]).
     pub schema: u32,
     /// The scenario's name.
     pub scenario: String,
-    /// The engine that ran it (`sim`).
+    /// The engine that ran it (`sim`, `live`, `webrtc`).
     pub engine: String,
     /// The placement strategy.
     pub strategy: String,
@@ -37,6 +37,9 @@ pub struct Report {
     pub placed: u64,
     /// Requests placed without queueing.
     pub placed_at_once: u64,
+    /// Requests placed, per tier.
+    #[serde(default)]
+    pub placed_per_tier: BTreeMap<String, u64>,
     /// Requests that had to queue.
     pub queued: u64,
     /// Requests rejected, per reason.
@@ -47,6 +50,15 @@ pub struct Report {
     pub ended: BTreeMap<String, u64>,
     /// Nodes lost to faults.
     pub nodes_lost: u64,
+    /// Streams that dropped (the session went `reconnecting`).
+    #[serde(default)]
+    pub reconnects: u64,
+    /// Broker restarts (faults).
+    #[serde(default)]
+    pub broker_restarts: u64,
+    /// Requests made while the broker was away, retried by their clients when it was back.
+    #[serde(default)]
+    pub retried_after_restart: u64,
     /// Time from request to placement of placed requests, seconds (0 for those placed at once).
     pub queue_wait_s: Percentiles,
     /// The sample with the highest framebuffer use.
@@ -55,6 +67,9 @@ pub struct Report {
     pub peak_sessions_per_gpu_in_use: f64,
     /// Framebuffer use averaged over the samples (0–1).
     pub mean_framebuffer: f64,
+    /// Real use averaged over the samples (see [`Sample::real_use`]).
+    #[serde(default)]
+    pub mean_real_use: f64,
     /// The fewest GPUs of the fleet's (first) model that could hold the peak's sessions (the
     /// placement engine's lower bound); compare with `peak.gpus_in_use`.
     pub lower_bound_gpus_at_peak: Option<u64>,
@@ -68,6 +83,68 @@ pub struct Report {
     pub slo: Vec<SloCheck>,
     /// Whether every SLO check passed.
     pub ok: bool,
+    /// The queue wait's distribution for charts: (seconds, share of placed requests at or
+    /// below it), at most [`CDF_POINTS`] points.
+    #[serde(default)]
+    pub queue_wait_cdf: Vec<CdfPoint>,
+    /// Time from a request's intended send time to its answer, milliseconds (`live` and
+    /// `webrtc`; the `sim` engine has no network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation_latency_ms: Option<Percentiles>,
+    /// The allocation latency's distribution for charts (milliseconds, share).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allocation_latency_cdf: Vec<CdfPoint>,
+    /// Answers per wall-clock second over the run (`live`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocations_per_s: Option<f64>,
+    /// Concurrent WebRTC streams, step by step, and how many a node holds (`webrtc`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<crate::webrtc::StreamsReport>,
+}
+
+/// How many points a distribution keeps for charts.
+pub const CDF_POINTS: usize = 200;
+
+/// One point of a cumulative distribution.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct CdfPoint {
+    /// The value (in the unit of the field that holds it).
+    pub value: f64,
+    /// The share of values at or below it (0–1).
+    pub quantile: f64,
+}
+
+/// The distribution of `h` in at most [`CDF_POINTS`] points, values divided by `scale`.
+pub fn cdf(h: &Histogram<u64>, scale: f64) -> Vec<CdfPoint> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    let mut out: Vec<CdfPoint> = h
+        .iter_quantiles(4)
+        .map(|v| CdfPoint {
+            value: h.highest_equivalent(v.value_iterated_to()) as f64 / scale,
+            quantile: v.quantile_iterated_to(),
+        })
+        .collect();
+    // One point per value: the highest share reached at it.
+    out.dedup_by(|later, kept| {
+        let same = later.value == kept.value;
+        if same {
+            kept.quantile = kept.quantile.max(later.quantile);
+        }
+        same
+    });
+    if out.len() > CDF_POINTS {
+        let step = out.len().div_ceil(CDF_POINTS);
+        let last = out.last().copied();
+        out = out.into_iter().step_by(step).collect();
+        if let Some(last) = last
+            && out.last() != Some(&last)
+        {
+            out.push(last);
+        }
+    }
+    out
 }
 
 /// The fleet at one moment.
@@ -87,9 +164,21 @@ pub struct Sample {
     pub encoder: f64,
     /// Compute held (sixteenths of a GPU, weighted by genre), share of the fleet's (0–1).
     pub compute: f64,
+    /// Fragmentation: framebuffer that is free but that the smallest waiting tier (the
+    /// smallest tier when nobody waits) cannot use, share of the fleet's (0–1).
+    #[serde(default)]
+    pub fragmentation: f64,
+    /// Real use of the GPUs in use: the framebuffer the sessions' tiers need, share of the
+    /// framebuffer of the GPUs holding them (0–1). A whole GPU per player leaves most of each
+    /// GPU idle; pooling fills it.
+    #[serde(default)]
+    pub real_use: f64,
+    /// The most sessions one GPU holds.
+    #[serde(default)]
+    pub max_sessions_per_gpu: u64,
 }
 
-/// Percentiles of a distribution, seconds.
+/// Percentiles of a distribution (seconds unless the field holding it says otherwise).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Percentiles {
     /// How many values.
@@ -107,16 +196,21 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    /// From a histogram of milliseconds.
+    /// From a histogram of milliseconds, in seconds.
     pub fn of_millis(h: &Histogram<u64>) -> Self {
-        let s = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        Self::scaled(h, 1000.0)
+    }
+
+    /// From a histogram, values divided by `scale` (1000 for microseconds to milliseconds).
+    pub fn scaled(h: &Histogram<u64>, scale: f64) -> Self {
+        let s = |q: f64| h.value_at_quantile(q) as f64 / scale;
         Self {
             count: h.len(),
             p50: s(0.5),
             p90: s(0.9),
             p99: s(0.99),
             p999: s(0.999),
-            max: h.max() as f64 / 1000.0,
+            max: h.max() as f64 / scale,
         }
     }
 }
@@ -185,16 +279,26 @@ impl Report {
         let mut s = String::new();
         let rejected: u64 = self.rejected.values().sum();
         let pct = |a: u64| 100.0 * a as f64 / self.requests.max(1) as f64;
-        let _ = writeln!(
-            s,
-            "{} ({} engine, {} strategy, seed {}): {} s simulated in {:.1} s",
-            self.scenario,
-            self.engine,
-            self.strategy,
-            self.seed,
-            self.duration_s,
-            self.wall_seconds
-        );
+        // The webrtc engine measures streams, not a fleet over time.
+        let fleet_run = self.streams.is_none();
+        if fleet_run {
+            let _ = writeln!(
+                s,
+                "{} ({} engine, {} strategy, seed {}): {} s simulated in {:.1} s",
+                self.scenario,
+                self.engine,
+                self.strategy,
+                self.seed,
+                self.duration_s,
+                self.wall_seconds
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "{} ({} engine): {:.1} s",
+                self.scenario, self.engine, self.wall_seconds
+            );
+        }
         let _ = writeln!(
             s,
             "fleet            {} nodes, {} GPUs",
@@ -212,45 +316,78 @@ impl Report {
             pct(rejected),
             self.abandoned
         );
+        if !self.placed_per_tier.is_empty() {
+            let _ = writeln!(s, "placed per tier  {:?}", self.placed_per_tier);
+        }
         if !self.rejected.is_empty() {
             let _ = writeln!(s, "rejected by      {:?}", self.rejected);
         }
         let _ = writeln!(s, "ended            {:?}", self.ended);
-        let q = &self.queue_wait_s;
-        let _ = writeln!(
-            s,
-            "queue wait (s)   p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
-            q.p50, q.p90, q.p99, q.p999, q.max
-        );
-        let _ = writeln!(
-            s,
-            "peak (t={} s)    {} sessions on {} GPUs ({:.2} per GPU in use), framebuffer {:.1}%, compute {:.1}%, encoder {:.1}%, {} queued",
-            self.peak.t_s,
-            self.peak.sessions,
-            self.peak.gpus_in_use,
-            self.peak_sessions_per_gpu_in_use,
-            100.0 * self.peak.framebuffer,
-            100.0 * self.peak.compute,
-            100.0 * self.peak.encoder,
-            self.peak.queued
-        );
-        if let Some(lb) = self.lower_bound_gpus_at_peak {
+        if fleet_run {
+            let q = &self.queue_wait_s;
             let _ = writeln!(
                 s,
-                "lower bound      {lb} GPUs would hold the peak's sessions ({} used)",
-                self.peak.gpus_in_use
+                "queue wait (s)   p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
+                q.p50, q.p90, q.p99, q.p999, q.max
+            );
+            let _ = writeln!(
+                s,
+                "peak (t={} s)    {} sessions on {} GPUs ({:.2} per GPU in use), framebuffer {:.1}%, compute {:.1}%, encoder {:.1}%, {} queued",
+                self.peak.t_s,
+                self.peak.sessions,
+                self.peak.gpus_in_use,
+                self.peak_sessions_per_gpu_in_use,
+                100.0 * self.peak.framebuffer,
+                100.0 * self.peak.compute,
+                100.0 * self.peak.encoder,
+                self.peak.queued
+            );
+            if let Some(lb) = self.lower_bound_gpus_at_peak {
+                let _ = writeln!(
+                    s,
+                    "lower bound      {lb} GPUs would hold the peak's sessions ({} used)",
+                    self.peak.gpus_in_use
+                );
+            }
+            let _ = writeln!(
+                s,
+                "framebuffer      mean {:.1}% over the run; real use of GPUs in use {:.1}% mean, {:.1}% at peak; fragmentation at peak {:.1}%",
+                100.0 * self.mean_framebuffer,
+                100.0 * self.mean_real_use,
+                100.0 * self.peak.real_use,
+                100.0 * self.peak.fragmentation
             );
         }
-        let _ = writeln!(
-            s,
-            "framebuffer      mean {:.1}% over the run",
-            100.0 * self.mean_framebuffer
-        );
-        let _ = writeln!(
-            s,
-            "speed            {:.0} placements per wall second",
-            self.placements_per_wall_second
-        );
+        if self.reconnects + self.broker_restarts > 0 {
+            let _ = writeln!(
+                s,
+                "faults           {} streams dropped, {} broker restarts ({} requests retried after one)",
+                self.reconnects, self.broker_restarts, self.retried_after_restart
+            );
+        }
+        if let Some(l) = &self.allocation_latency_ms {
+            let _ = writeln!(
+                s,
+                "allocation (ms)  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}{}",
+                l.p50,
+                l.p90,
+                l.p99,
+                l.p999,
+                l.max,
+                self.allocations_per_s
+                    .map_or(String::new(), |r| format!("  ({r:.0} answers/s)"))
+            );
+        }
+        if self.placements_per_wall_second > 0.0 {
+            let _ = writeln!(
+                s,
+                "speed            {:.0} placements per wall second",
+                self.placements_per_wall_second
+            );
+        }
+        if let Some(streams) = &self.streams {
+            s.push_str(&streams.table());
+        }
         for c in &self.slo {
             let _ = writeln!(
                 s,

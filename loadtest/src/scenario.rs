@@ -85,6 +85,18 @@ pub struct Demand {
     /// Probability that a queued player gives up, per minute of waiting.
     #[serde(default)]
     pub abandon_per_minute: f64,
+    /// Probability that a session's stream drops once, at a random moment of its length (the
+    /// session waits in `reconnecting`, holding its GPU).
+    #[serde(default)]
+    pub reconnect_probability: f64,
+    /// Probability that a player whose stream dropped comes back (within 2–30 s); the others
+    /// never do and their session ends when the broker's reconnect grace runs out.
+    #[serde(default = "one")]
+    pub reconnect_success: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 fn yes() -> bool {
@@ -129,6 +141,33 @@ pub enum Arrivals {
         #[serde(default = "default_trough_hour")]
         trough_hour: f64,
     },
+    /// Recorded arrivals: a CSV file (its path relative to the scenario's) with a header and
+    /// one row per request: `t_s` (seconds into the run, required), and optionally `tier`,
+    /// `genre` and `minutes` (else drawn from the mix and the genre's length).
+    Trace {
+        /// The CSV file.
+        path: String,
+        /// Its rows, read when the scenario is loaded.
+        #[serde(skip)]
+        rows: Vec<TraceRow>,
+    },
+}
+
+/// One recorded arrival.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceRow {
+    /// Seconds into the run.
+    pub t_s: f64,
+    /// The tier asked for; drawn from the mix when absent.
+    #[serde(default)]
+    pub tier: Option<String>,
+    /// The genre played; drawn from the mix when absent.
+    #[serde(default)]
+    pub genre: Option<String>,
+    /// How long the session lasts, minutes; drawn from the genre's length when absent.
+    #[serde(default)]
+    pub minutes: Option<f64>,
 }
 
 fn default_trough_hour() -> f64 {
@@ -147,6 +186,30 @@ pub enum Fault {
         /// How many nodes.
         nodes: usize,
     },
+    /// The broker stops at `at_s` and is back `down_s` later with its state (its store and
+    /// the agents' reports): requests made meanwhile are retried by their clients when it is
+    /// back, sessions that end meanwhile free their GPUs only then, and queued requests wait
+    /// longer.
+    BrokerRestart {
+        /// When, seconds into the run.
+        at_s: u64,
+        /// How long the broker is away, seconds.
+        #[serde(default = "default_down_s")]
+        down_s: u64,
+    },
+}
+
+fn default_down_s() -> u64 {
+    10
+}
+
+impl Fault {
+    /// When it happens, seconds into the run.
+    pub fn at_s(&self) -> u64 {
+        match *self {
+            Self::NodeLoss { at_s, .. } | Self::BrokerRestart { at_s, .. } => at_s,
+        }
+    }
 }
 
 /// `[slo]`: thresholds a run must meet. Absent ones are not checked.
@@ -180,6 +243,14 @@ pub enum ScenarioError {
         /// Why, with the line.
         source: Box<toml::de::Error>,
     },
+    /// An arrival trace cannot be read (with the line of a bad row).
+    #[error("{path}: {source}")]
+    Trace {
+        /// The trace file.
+        path: String,
+        /// Why.
+        source: Box<csv::Error>,
+    },
     /// A field has a value the scenario cannot use.
     #[error("{path}: {field} = {value}: {rule}")]
     Invalid {
@@ -202,10 +273,16 @@ impl Scenario {
             path: name.clone(),
             source,
         })?;
-        Self::parse(&text, &name)
+        let mut scenario = Self::parse(&text, &name)?;
+        if let Arrivals::Trace { path: csv, rows } = &mut scenario.demand.arrivals {
+            let file = path.parent().unwrap_or(Path::new(".")).join(&*csv);
+            *rows = read_trace(&file, scenario.duration_s)?;
+        }
+        Ok(scenario)
     }
 
-    /// Parses and checks a scenario; `path` names it in errors.
+    /// Parses and checks a scenario; `path` names it in errors. A trace's rows are read by
+    /// [`Scenario::load`], which knows where the file is.
     pub fn parse(text: &str, path: &str) -> Result<Self, ScenarioError> {
         let scenario: Scenario = toml::from_str(text).map_err(|e| ScenarioError::Parse {
             path: path.to_owned(),
@@ -285,6 +362,12 @@ impl Scenario {
                 }
                 vec![("trough_per_s", *trough_per_s), ("peak_per_s", *peak_per_s)]
             }
+            Arrivals::Trace { path: csv, .. } => {
+                if csv.trim().is_empty() {
+                    return bad("demand.arrivals.path", &"\"\"", "must name a CSV file");
+                }
+                Vec::new()
+            }
         };
         for (field, r) in rates {
             if !rate_ok(r) {
@@ -328,24 +411,36 @@ impl Scenario {
                 );
             }
         }
-        if !(0.0..=1.0).contains(&self.demand.abandon_per_minute) {
-            return bad(
-                "demand.abandon_per_minute",
-                &self.demand.abandon_per_minute,
-                "must be a probability 0..=1",
-            );
+        for (field, p) in [
+            ("abandon_per_minute", self.demand.abandon_per_minute),
+            ("reconnect_probability", self.demand.reconnect_probability),
+            ("reconnect_success", self.demand.reconnect_success),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return bad(
+                    &format!("demand.{field}"),
+                    &p,
+                    "must be a probability 0..=1",
+                );
+            }
         }
         let total_nodes: usize = self.fleet.iter().map(|g| g.nodes).sum();
         for (i, f) in self.faults.iter().enumerate() {
-            let Fault::NodeLoss { at_s, nodes } = f;
-            if *at_s >= self.duration_s {
+            if f.at_s() >= self.duration_s {
                 return bad(
                     &format!("faults.{i}.at_s"),
-                    at_s,
+                    &f.at_s(),
                     "must fall inside the run",
                 );
             }
-            if *nodes == 0 || *nodes > total_nodes {
+            if let Fault::BrokerRestart { down_s, .. } = f
+                && !(1..=3600).contains(down_s)
+            {
+                return bad(&format!("faults.{i}.down_s"), down_s, "must be 1..=3600");
+            }
+            if let Fault::NodeLoss { nodes, .. } = f
+                && (*nodes == 0 || *nodes > total_nodes)
+            {
                 return bad(
                     &format!("faults.{i}.nodes"),
                     nodes,
@@ -355,6 +450,54 @@ impl Scenario {
         }
         Ok(())
     }
+}
+
+/// The rows of an arrival trace, checked and in time order.
+fn read_trace(file: &Path, duration_s: u64) -> Result<Vec<TraceRow>, ScenarioError> {
+    let name = file.display().to_string();
+    let bad = |line: u64, field: &str, value: &dyn std::fmt::Display, rule: &str| {
+        ScenarioError::Invalid {
+            path: format!("{name}:{line}"),
+            field: field.to_owned(),
+            value: value.to_string(),
+            rule: rule.to_owned(),
+        }
+    };
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_path(file)
+        .map_err(|e| ScenarioError::Trace {
+            path: name.clone(),
+            source: Box::new(e),
+        })?;
+    let mut rows = Vec::new();
+    for record in reader.deserialize::<TraceRow>() {
+        let row = record.map_err(|e| ScenarioError::Trace {
+            path: name.clone(),
+            source: Box::new(e),
+        })?;
+        // The header is line 1.
+        let line = rows.len() as u64 + 2;
+        if !(row.t_s.is_finite() && row.t_s >= 0.0 && row.t_s < duration_s as f64) {
+            return Err(bad(
+                line,
+                "t_s",
+                &row.t_s,
+                "must be seconds inside the run (0 ≤ t_s < duration_s)",
+            ));
+        }
+        if let Some(m) = row.minutes
+            && !(m.is_finite() && m > 0.0 && m <= 24.0 * 60.0)
+        {
+            return Err(bad(line, "minutes", &m, "must be minutes in (0, 1440]"));
+        }
+        rows.push(row);
+    }
+    if rows.is_empty() {
+        return Err(bad(1, "rows", &0, "the trace needs at least one arrival"));
+    }
+    rows.sort_by(|a, b| a.t_s.total_cmp(&b.t_s));
+    Ok(rows)
 }
 
 #[cfg(test)]
@@ -423,6 +566,9 @@ genres = { fps = 1 }
         let mut names = Vec::new();
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
             let s = Scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
             names.push(s.name);
         }
@@ -432,6 +578,7 @@ genres = { fps = 1 }
             "fleet-10k",
             "mixed-tier-stress",
             "node-loss",
+            "replay",
             "smoke",
         ] {
             assert!(names.iter().any(|n| n == want), "{want} missing: {names:?}");

@@ -164,3 +164,160 @@ fn a_failed_slo_or_a_bad_scenario_sets_the_exit_status() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("first-fit"));
 }
+
+#[test]
+fn every_strategy_on_one_demand_with_the_headline_and_an_html_report() {
+    let bin = env!("CARGO_BIN_EXE_framecast-loadtest");
+    let dir = tempfile::tempdir().unwrap();
+    let (json, html) = (dir.path().join("c.json"), dir.path().join("c.html"));
+    let out = Command::new(bin)
+        .args([
+            "sim",
+            scenario("smoke").to_str().unwrap(),
+            "--strategy",
+            "all",
+            "--json",
+        ])
+        .arg(&json)
+        .arg("--html")
+        .arg(&html)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("one GPU per player vs pooling"), "{table}");
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let runs = c["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 5);
+    let requests = &runs[0]["requests"];
+    assert!(runs.iter().all(|r| &r["requests"] == requests));
+    assert_eq!(c["headline"]["exclusive"]["max_sessions_per_gpu"], 1);
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.starts_with("<!DOCTYPE html>") && page.contains("<svg"));
+    assert!(!page.contains("http://") && !page.contains("https://"));
+}
+
+#[test]
+fn a_trace_with_a_broker_restart_and_dropped_streams() {
+    let bin = env!("CARGO_BIN_EXE_framecast-loadtest");
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let out = Command::new(bin)
+        .args(["sim", scenario("replay").to_str().unwrap(), "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    // One request per trace row.
+    let rows = std::fs::read_to_string(
+        scenario("replay")
+            .parent()
+            .unwrap()
+            .join("traces/launch-night.csv"),
+    )
+    .unwrap()
+    .lines()
+    .count()
+        - 1;
+    assert_eq!(
+        r["requests"].as_u64().unwrap(),
+        u64::try_from(rows).unwrap()
+    );
+    assert_eq!(r["broker_restarts"], 1);
+    // The restart falls in the launch burst (3 requests/s for 15 s).
+    let retried = r["retried_after_restart"].as_u64().unwrap();
+    assert!((20..=80).contains(&retried), "{retried}");
+    // Those requests waited for the broker: up to the 15 s it was away.
+    let max_wait = r["queue_wait_s"]["max"].as_f64().unwrap();
+    assert!((10.0..=16.0).contains(&max_wait), "{max_wait}");
+    assert!(r["reconnects"].as_u64().unwrap() > 100);
+    // A tenth of the players whose stream dropped never came back: ended by the grace.
+    assert!(r["ended"]["error"].as_u64().unwrap() > 0);
+
+    // A trace row the scenario cannot use names its file and line.
+    let bad_dir = dir.path().join("bad");
+    std::fs::create_dir_all(bad_dir.join("traces")).unwrap();
+    std::fs::write(
+        bad_dir.join("traces/launch-night.csv"),
+        "t_s,tier\n1.0,720p\n99999,720p\n",
+    )
+    .unwrap();
+    std::fs::copy(scenario("replay"), bad_dir.join("replay.toml")).unwrap();
+    let out = Command::new(bin)
+        .arg("sim")
+        .arg(bad_dir.join("replay.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("launch-night.csv:3: t_s = 99999"), "{err}");
+}
+
+#[test]
+fn plan_finds_a_fleet_and_says_when_none_will_do() {
+    let bin = env!("CARGO_BIN_EXE_framecast-loadtest");
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("p.json");
+    let out = Command::new(bin)
+        .args([
+            "plan",
+            scenario("smoke").to_str().unwrap(),
+            "--slo",
+            "max_queue_wait_p99_s=0",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let n = p["smallest_nodes"].as_u64().unwrap();
+    assert!((1..=8).contains(&n), "{p}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("smallest fleet meeting the SLO"));
+
+    // No waiting at all, and no more than one node: cannot be met.
+    let out = Command::new(bin)
+        .args([
+            "plan",
+            scenario("smoke").to_str().unwrap(),
+            "--slo",
+            "max_queue_wait_p99_s=0",
+            "--max-nodes",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = Command::new(bin)
+        .args([
+            "plan",
+            scenario("smoke").to_str().unwrap(),
+            "--slo",
+            "p99=1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--slo p99"));
+}

@@ -1,0 +1,327 @@
+//! The broker side of a `live` run: the in-process deployment the tool starts (or the existing
+//! broker it is pointed at), the wait until every agent is connected, the fleet samples of the
+//! timeline, the faults, and the final sweep of sessions left behind.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use hyper::{Method, StatusCode};
+
+use framecast_broker::dev::{Dev, DevOptions, Tune, start_dev};
+use framecast_shared::ids::NodeId;
+
+use super::client::{Api, View, problem_detail};
+use super::plan::{Plan, Target, scale_timers};
+use super::tally::{NodeBody, PoolBody};
+use super::{Ctx, LiveError};
+use crate::report::Sample;
+use crate::scenario::Fault;
+
+/// The longest wait for the in-process agents to connect.
+const READY_LIMIT: Duration = Duration::from_secs(60);
+/// How often the node list is read while waiting.
+const READY_POLL: Duration = Duration::from_millis(100);
+/// The longest the in-process deployment takes to stop.
+const STOP_LIMIT: Duration = Duration::from_secs(60);
+/// How often the fleet is sampled, simulated seconds (as `sim` does).
+const SAMPLE_EVERY_S: u64 = 60;
+/// The longest the final sweep takes.
+const SWEEP_LIMIT: Duration = Duration::from_secs(60);
+
+/// The broker a run talks to.
+pub(crate) struct Deployment {
+    /// The in-process one, while the run holds it (the fault task borrows it meanwhile).
+    pub dev: Option<Dev>,
+    /// Its state, when under `--data-dir` (removed at the end).
+    own_dir: Option<PathBuf>,
+    /// Where its API is.
+    pub addr: SocketAddr,
+    /// How requests name it.
+    pub host: String,
+    /// The API key.
+    pub api_key: String,
+    /// Its nodes, in order (the in-process ones; a node-loss fault takes the first).
+    pub nodes: Vec<NodeId>,
+}
+
+impl Deployment {
+    /// Starts the in-process broker and agents the plan asks for, or finds the existing broker.
+    pub(crate) async fn start(plan: &Plan) -> Result<Self, LiveError> {
+        match &plan.target {
+            Target::External { authority, api_key } => {
+                let addr = tokio::net::lookup_host(authority.as_str())
+                    .await
+                    .map_err(|e| LiveError::Broker(format!("{authority}: {e}")))?
+                    .next()
+                    .ok_or_else(|| LiveError::Broker(format!("{authority} has no address")))?;
+                Ok(Self {
+                    dev: None,
+                    own_dir: None,
+                    addr,
+                    host: authority.clone(),
+                    api_key: api_key.clone(),
+                    nodes: Vec::new(),
+                })
+            }
+            Target::Own {
+                nodes,
+                gpus_toml,
+                data_dir,
+                ..
+            } => {
+                let api_key = format!("live-{}", uuid::Uuid::new_v4().simple());
+                let own_dir = data_dir
+                    .as_ref()
+                    .map(|d| d.join(format!("framecast-live-{}", uuid::Uuid::new_v4().simple())));
+                let (speed, wall) = (plan.speed, plan.wall_length());
+                let options = DevOptions {
+                    nodes: *nodes,
+                    gpus_toml: gpus_toml.clone(),
+                    http: SocketAddr::from(([127, 0, 0, 1], 0)),
+                    data_dir: own_dir.clone(),
+                    api_key: api_key.clone(),
+                    tune: Some(Tune::new(move |c| scale_timers(c, speed, wall))),
+                };
+                let dev = start_dev(options)
+                    .await
+                    .map_err(|e| LiveError::Deploy(format!("{e:#}")))?;
+                let addr = dev.broker().http;
+                let node_ids = dev.nodes();
+                Ok(Self {
+                    dev: Some(dev),
+                    own_dir,
+                    addr,
+                    host: addr.to_string(),
+                    api_key,
+                    nodes: node_ids,
+                })
+            }
+        }
+    }
+
+    /// Stops the in-process deployment, if any, bounded; removes its state.
+    pub(crate) async fn stop(mut self) {
+        if let Some(dev) = self.dev.take()
+            && tokio::time::timeout(STOP_LIMIT, dev.stop()).await.is_err()
+        {
+            tracing::warn!(
+                "the in-process deployment did not stop within {} s",
+                STOP_LIMIT.as_secs()
+            );
+        }
+        if let Some(dir) = self.own_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Checks the API key and, for the in-process fleet, waits until every agent is connected;
+/// the fleet's nodes and GPUs (from `GET /v1/nodes`, or `fallback` where the key may not
+/// list nodes).
+pub(crate) async fn ready(
+    api: &Api,
+    want_nodes: usize,
+    fallback: (u64, u64),
+) -> Result<(u64, u64), LiveError> {
+    let pools = api
+        .call(Method::GET, "/v1/pools", None, None)
+        .await
+        .map_err(|e| LiveError::Broker(e.to_string()))?;
+    match pools.status {
+        StatusCode::OK => {}
+        StatusCode::UNAUTHORIZED => {
+            return Err(LiveError::Broker(format!(
+                "the broker refused the API key: {}",
+                problem_detail(&pools.body)
+            )));
+        }
+        s => {
+            return Err(LiveError::Broker(format!(
+                "GET /v1/pools: {s} {}",
+                problem_detail(&pools.body)
+            )));
+        }
+    }
+    let started = Instant::now();
+    loop {
+        let reply = api
+            .call(Method::GET, "/v1/nodes", None, None)
+            .await
+            .map_err(|e| LiveError::Broker(e.to_string()))?;
+        if reply.status == StatusCode::FORBIDDEN && want_nodes == 0 {
+            tracing::warn!("this API key may not list nodes: the timeline has no GPU figures");
+            return Ok(fallback);
+        }
+        let nodes: Vec<NodeBody> = if reply.status == StatusCode::OK {
+            serde_json::from_slice(&reply.body)
+                .map_err(|e| LiveError::Broker(format!("GET /v1/nodes: {e}")))?
+        } else {
+            return Err(LiveError::Broker(format!(
+                "GET /v1/nodes: {} {}",
+                reply.status,
+                problem_detail(&reply.body)
+            )));
+        };
+        let connected = nodes.iter().filter(|n| n.connected).count();
+        if connected >= want_nodes {
+            let gpus = nodes
+                .iter()
+                .filter(|n| n.connected)
+                .map(|n| n.gpus.len() as u64)
+                .sum();
+            return Ok((connected as u64, gpus));
+        }
+        if started.elapsed() > READY_LIMIT {
+            return Err(LiveError::Deploy(format!(
+                "{connected} of {want_nodes} agents connected within {} s",
+                READY_LIMIT.as_secs()
+            )));
+        }
+        tokio::time::sleep(READY_POLL).await;
+    }
+}
+
+/// Samples the fleet once a simulated minute, from 0 to the end of the run, best effort.
+pub(crate) async fn sample(ctx: Arc<Ctx>, duration_ms: u64) -> Vec<Sample> {
+    let mut timeline = Vec::new();
+    let mut ending = ctx.ending.clone();
+    let mut at_ms = 0u64;
+    while at_ms <= duration_ms {
+        let at = ctx.clock.wall(at_ms);
+        tokio::select! {
+            () = tokio::time::sleep_until(at.into()) => {}
+            Ok(_) = ending.wait_for(|e| *e) => {}
+        }
+        // The run's end may come with the last sample's time; an early end takes no more.
+        if ctx.aborted.load(Ordering::Relaxed) || Instant::now() < at {
+            break;
+        }
+        if ctx.broker_is_up() {
+            let nodes = list::<NodeBody>(&ctx.api, "/v1/nodes").await;
+            let pools = list::<PoolBody>(&ctx.api, "/v1/pools").await;
+            if nodes.is_some() || pools.is_some() {
+                let s = ctx
+                    .tally()
+                    .sample(at_ms / 1000, nodes.as_deref(), pools.as_deref());
+                timeline.push(s);
+            }
+        }
+        at_ms += SAMPLE_EVERY_S * 1000;
+    }
+    timeline
+}
+
+async fn list<T: serde::de::DeserializeOwned>(api: &Api, path: &str) -> Option<Vec<T>> {
+    let reply = api.call(Method::GET, path, None, None).await.ok()?;
+    if reply.status != StatusCode::OK {
+        return None;
+    }
+    serde_json::from_slice(&reply.body).ok()
+}
+
+/// Applies the scenario's faults at their times to the in-process deployment; gives the
+/// deployment back, with the error that stopped the faults, if any.
+pub(crate) async fn faults(
+    ctx: Arc<Ctx>,
+    mut dev: Dev,
+    nodes: Vec<NodeId>,
+    faults: Vec<Fault>,
+) -> (Dev, Option<String>) {
+    let mut faults = faults;
+    faults.sort_by_key(Fault::at_s);
+    let mut ending = ctx.ending.clone();
+    for f in faults {
+        let at = ctx.clock.wall(f.at_s().saturating_mul(1000));
+        tokio::select! {
+            () = tokio::time::sleep_until(at.into()) => {}
+            Ok(_) = ending.wait_for(|e| *e) => break,
+        }
+        match f {
+            Fault::NodeLoss { nodes: count, .. } => {
+                for node in nodes.iter().take(count) {
+                    tracing::info!(node_id = %node, "fault: stopping the node's agent");
+                    dev.stop_agent(node).await;
+                    ctx.lost_nodes.send_modify(|l| l.push(node.to_string()));
+                }
+                ctx.tally().nodes_lost += count as u64;
+            }
+            Fault::BrokerRestart { .. } => {
+                tracing::info!("fault: restarting the broker");
+                ctx.restarts.fetch_add(1, Ordering::Relaxed);
+                let _ = ctx.up_tx.send(false);
+                let restarted = dev.restart_broker().await;
+                ctx.tally().broker_restarts += 1;
+                if let Err(e) = restarted {
+                    // The deployment has no broker now: the run cannot go on.
+                    ctx.aborted.store(true, Ordering::Relaxed);
+                    let _ = ctx.end_tx.send(true);
+                    return (dev, Some(format!("the broker did not restart: {e:#}")));
+                }
+                let _ = ctx.up_tx.send(true);
+            }
+        }
+    }
+    (dev, None)
+}
+
+/// Releases what this run left on the broker (sessions whose player id carries `run_id`):
+/// the safety net behind the players' own releases. How many it released.
+pub(crate) async fn sweep(api: &Api, run_id: &str) -> u64 {
+    #[derive(serde::Deserialize)]
+    struct Page {
+        #[serde(default)]
+        sessions: Vec<Listed>,
+        #[serde(default)]
+        next: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Listed {
+        #[serde(flatten)]
+        view: View,
+        #[serde(default)]
+        player_id: String,
+    }
+    let prefix = format!("{run_id}-");
+    let work = async {
+        let mut released = 0u64;
+        let mut after: Option<String> = None;
+        loop {
+            let path = match &after {
+                Some(a) => format!("/v1/sessions?limit=1000&after={a}"),
+                None => "/v1/sessions?limit=1000".to_owned(),
+            };
+            let Some(page) = api
+                .call(Method::GET, &path, None, None)
+                .await
+                .ok()
+                .filter(|r| r.status == StatusCode::OK)
+                .and_then(|r| serde_json::from_slice::<Page>(&r.body).ok())
+            else {
+                break;
+            };
+            for s in page
+                .sessions
+                .iter()
+                .filter(|s| s.player_id.starts_with(&prefix))
+            {
+                let path = format!("/v1/sessions/{}", s.view.session_id);
+                if api
+                    .call(Method::DELETE, &path, None, None)
+                    .await
+                    .is_ok_and(|r| r.status == StatusCode::NO_CONTENT)
+                {
+                    released += 1;
+                }
+            }
+            match page.next {
+                Some(n) if after.as_ref() != Some(&n) => after = Some(n),
+                _ => break,
+            }
+        }
+        released
+    };
+    tokio::time::timeout(SWEEP_LIMIT, work).await.unwrap_or(0)
+}

@@ -1,0 +1,533 @@
+//! What a `live` run will do, decided before anything starts: which broker it talks to (its
+//! own in-process deployment or an existing one), which game stands for each genre, how
+//! simulated time maps onto the wall clock, and how the broker's timers are scaled to match.
+//! Everything here is plain data and pure functions; the run itself is in `super`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use framecast_shared::config::BrokerConfig;
+use framecast_shared::config::inventory::{SimulatedGpuGroup, SimulatedGpus};
+use framecast_shared::ids::{GameId, GenreName};
+
+use super::{GameFor, LiveError, LiveOptions};
+use crate::scenario::{Fault, Scenario};
+
+/// The fastest time compression accepted: beyond it the broker's timers (whole seconds, a
+/// 200 ms driver tick) no longer resolve a simulated minute.
+pub(crate) const MAX_SPEED: f64 = 1000.0;
+/// The slowest.
+pub(crate) const MIN_SPEED: f64 = 0.01;
+/// Dev mode's games, one per default genre.
+pub(crate) const DEV_GAMES: [(&str, &str); 3] = [
+    ("fps", "arena-shooter"),
+    ("moba", "lane-battle"),
+    ("rpg", "open-world"),
+];
+/// How long the reservation TTL, the idle timeout and the longest session outlast the run's
+/// wall-clock length (sessions are released by the run; these timers must never fire).
+const KEEP_MARGIN_S: u64 = 600;
+/// The broker's shortest heartbeat interval (its configuration's lower bound).
+const MIN_HEARTBEAT_MS: u32 = 100;
+
+/// A validated `live` run.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    /// Where the broker is.
+    pub target: Target,
+    /// Simulated seconds per wall second.
+    pub speed: f64,
+    /// The game requested for each genre of the demand.
+    pub games: BTreeMap<GenreName, GameId>,
+    /// Keep-alive connections for the short calls.
+    pub connections: usize,
+    /// Whether requests may queue (the scenario's `demand.queue`).
+    pub queue: bool,
+    /// The scenario's simulated length, ms.
+    pub duration_ms: u64,
+}
+
+/// The broker a run talks to.
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    /// The tool starts a broker and agents in-process.
+    Own {
+        /// Agents.
+        nodes: usize,
+        /// GPUs per agent.
+        gpus_per_node: usize,
+        /// Each agent's simulated GPUs, a `gpus.toml` document.
+        gpus_toml: String,
+        /// Where their state goes (a temp dir inside it); the system's temp dir when absent.
+        data_dir: Option<PathBuf>,
+    },
+    /// An existing broker.
+    External {
+        /// `host:port`.
+        authority: String,
+        /// Its API key.
+        api_key: String,
+    },
+}
+
+impl Plan {
+    /// Checks `scenario` and `opts` against what a live run can do.
+    pub(crate) fn new(scenario: &Scenario, opts: &LiveOptions) -> Result<Self, LiveError> {
+        let speed = opts.speed;
+        if !(speed.is_finite() && (MIN_SPEED..=MAX_SPEED).contains(&speed)) {
+            return Err(LiveError::Option {
+                flag: "speed",
+                value: speed.to_string(),
+                rule: format!(
+                    "must be {MIN_SPEED}..={MAX_SPEED} simulated seconds per wall second"
+                ),
+            });
+        }
+        if !(1..=1024).contains(&opts.connections) {
+            return Err(LiveError::Option {
+                flag: "connections",
+                value: opts.connections.to_string(),
+                rule: "must be 1..=1024".into(),
+            });
+        }
+        // One broker serves one region: the demand's players must all be in it.
+        let regions: Vec<&str> = scenario.fleet.iter().map(|g| g.region.as_str()).collect();
+        if let Some(other) = regions
+            .iter()
+            .find(|r| **r != regions.first().copied().unwrap_or(""))
+        {
+            return Err(invalid(
+                "fleet",
+                &format!("regions {}", join_unique(&regions)),
+                &format!(
+                    "live runs one broker, which serves one region; region {other} is a second \
+                     one (run multi-region scenarios with sim)"
+                ),
+            ));
+        }
+        let games = game_map(scenario, &opts.games)?;
+        let target = match &opts.broker {
+            Some(url) => {
+                let api_key = opts
+                    .api_key
+                    .clone()
+                    .filter(|k| !k.is_empty())
+                    .ok_or_else(|| LiveError::Option {
+                        flag: "api-key",
+                        value: "(none)".into(),
+                        rule:
+                            "--broker needs the broker's API key (--api-key or FRAMECAST_API_KEY)"
+                                .into(),
+                    })?;
+                if let Some((i, f)) = scenario.faults.iter().enumerate().next() {
+                    let kind = match f {
+                        Fault::NodeLoss { .. } => "node-loss",
+                        Fault::BrokerRestart { .. } => "broker-restart",
+                    };
+                    return Err(invalid(
+                        &format!("faults.{i}"),
+                        kind,
+                        "needs the tool's own broker and agents, which --broker replaces: \
+                         leave out --broker, or run a scenario without faults",
+                    ));
+                }
+                Target::External {
+                    authority: authority(url)?,
+                    api_key,
+                }
+            }
+            None => own_fleet(scenario, opts)?,
+        };
+        Ok(Self {
+            target,
+            speed,
+            games,
+            connections: opts.connections,
+            queue: scenario.demand.queue,
+            duration_ms: scenario.duration_s.saturating_mul(1000),
+        })
+    }
+
+    /// The run's wall-clock length.
+    pub(crate) fn wall_length(&self) -> Duration {
+        wall_of(self.duration_ms, self.speed)
+    }
+}
+
+/// Wall-clock time for `sim_ms` simulated milliseconds at `speed`.
+pub(crate) fn wall_of(sim_ms: u64, speed: f64) -> Duration {
+    Duration::from_secs_f64(sim_ms as f64 / 1000.0 / speed)
+}
+
+/// Maps simulated time onto the wall clock: simulated ms 0 is `start`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Clock {
+    /// When simulated time 0 is.
+    pub start: Instant,
+    /// Simulated seconds per wall second.
+    pub speed: f64,
+}
+
+impl Clock {
+    /// When simulated `ms` falls.
+    pub(crate) fn wall(&self, ms: u64) -> Instant {
+        self.start + wall_of(ms, self.speed)
+    }
+
+    /// Simulated ms at wall time `t` (0 before the start).
+    pub(crate) fn sim_ms(&self, t: Instant) -> u64 {
+        crate::demand::to_ms(
+            t.saturating_duration_since(self.start).as_secs_f64() * 1000.0 * self.speed,
+        )
+    }
+
+    /// A wall-clock duration in simulated ms.
+    pub(crate) fn sim_of(&self, d: Duration) -> u64 {
+        crate::demand::to_ms(d.as_secs_f64() * 1000.0 * self.speed)
+    }
+}
+
+/// Scales `config`'s timers for a run at `speed` that lasts `run` on the wall clock. The timers
+/// the simulation models (queue timeout, reconnect grace, heartbeats and node-loss detection,
+/// node-lost grace) are divided by the speed; those that would end sessions the run holds on
+/// purpose (reservation TTL: nobody connects over WHEP; idle timeout; longest session) are set
+/// past the run's end.
+pub(crate) fn scale_timers(config: &mut BrokerConfig, speed: f64, run: Duration) {
+    let keep = u32::try_from(run.as_secs().saturating_add(KEEP_MARGIN_S))
+        .unwrap_or(u32::MAX)
+        .min(7 * 24 * 3600);
+    let t = &mut config.timers;
+    t.reservation_ttl_s = keep;
+    t.idle_timeout_s = keep;
+    t.max_session_s = keep;
+    t.queue_timeout_s = scaled(t.queue_timeout_s, speed, 1);
+    t.reconnect_grace_s = scaled(t.reconnect_grace_s, speed, 1);
+    let c = &mut config.control;
+    c.heartbeat_interval_ms = scaled(c.heartbeat_interval_ms, speed, MIN_HEARTBEAT_MS);
+    // The broker requires heartbeat < suspect < down; keep a heartbeat or two between them.
+    c.suspect_after_ms = scaled(c.suspect_after_ms, speed, 1).max(c.heartbeat_interval_ms * 2);
+    c.down_after_ms =
+        scaled(c.down_after_ms, speed, 1).max(c.suspect_after_ms + c.heartbeat_interval_ms);
+    c.node_lost_grace_ms = scaled(c.node_lost_grace_ms, speed, 1);
+    for tier in config.tiers.values_mut() {
+        tier.max_session_s = None;
+    }
+}
+
+/// `v / speed`, rounded, at least `floor`.
+fn scaled(v: u32, speed: f64, floor: u32) -> u32 {
+    let x = (f64::from(v) / speed).round();
+    // In range: clamped to u32 before the conversion.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let x = x.clamp(0.0, f64::from(u32::MAX)) as u32;
+    x.max(floor)
+}
+
+/// The in-process fleet a scenario asks for: identical nodes (dev mode gives every agent the
+/// same simulated GPUs), at most `--max-nodes` of them.
+fn own_fleet(scenario: &Scenario, opts: &LiveOptions) -> Result<Target, LiveError> {
+    let Some(first) = scenario.fleet.first() else {
+        return Err(invalid("fleet", "[]", "needs at least one [[fleet]] group"));
+    };
+    for (i, g) in scenario.fleet.iter().enumerate().skip(1) {
+        if (g.model.as_str(), g.gpus_per_node, g.mode)
+            != (first.model.as_str(), first.gpus_per_node, first.mode)
+        {
+            return Err(invalid(
+                &format!("fleet.{i}"),
+                &format!("{} x {} {}", g.gpus_per_node, g.model, g.mode),
+                &format!(
+                    "live starts identical in-process nodes; fleet.0 has {} x {} {}",
+                    first.gpus_per_node, first.model, first.mode
+                ),
+            ));
+        }
+    }
+    let nodes: usize = scenario.fleet.iter().map(|g| g.nodes).sum();
+    if nodes > opts.max_nodes {
+        return Err(invalid(
+            "fleet",
+            &format!("{nodes} nodes"),
+            &format!(
+                "live runs at most {} in-process agents on this machine (--max-nodes); run this \
+                 fleet with sim, or point --broker at a deployment that has it",
+                opts.max_nodes
+            ),
+        ));
+    }
+    let Some(spec) = Scenario::model(first) else {
+        return Err(invalid(
+            "fleet.0.model",
+            &first.model,
+            "is not a built-in GPU model",
+        ));
+    };
+    if !spec.supports(first.mode) {
+        return Err(invalid(
+            "fleet.0.mode",
+            &first.mode.to_string(),
+            &format!("{} does not support it", spec.model),
+        ));
+    }
+    let gpus = SimulatedGpus {
+        gpus: vec![SimulatedGpuGroup {
+            model: spec.model.clone(),
+            count: u16::try_from(first.gpus_per_node).unwrap_or(u16::MAX),
+            mode: Some(first.mode),
+        }],
+    };
+    let gpus_toml = toml::to_string(&gpus).map_err(|e| {
+        invalid(
+            "fleet.0",
+            &first.model,
+            &format!("cannot be described to an agent: {e}"),
+        )
+    })?;
+    Ok(Target::Own {
+        nodes,
+        gpus_per_node: first.gpus_per_node,
+        gpus_toml,
+        data_dir: opts.data_dir.clone(),
+    })
+}
+
+/// The game for each genre of the demand: `--games` over dev mode's.
+fn game_map(
+    scenario: &Scenario,
+    given: &[GameFor],
+) -> Result<BTreeMap<GenreName, GameId>, LiveError> {
+    let mut map = BTreeMap::new();
+    for (genre, game) in DEV_GAMES {
+        if let (Ok(genre), Ok(game)) = (GenreName::new(genre), GameId::new(game)) {
+            map.insert(genre, game);
+        }
+    }
+    for g in given {
+        map.insert(g.genre.clone(), g.game.clone());
+    }
+    for (genre, weight) in &scenario.demand.genres {
+        let known = GenreName::new(genre.as_str())
+            .ok()
+            .is_some_and(|g| map.contains_key(&g));
+        if *weight > 0.0 && !known {
+            return Err(invalid(
+                &format!("demand.genres.{genre}"),
+                &weight.to_string(),
+                &format!(
+                    "live needs a game of genre {genre} on the broker: pass --games {genre}=<game> \
+                     (dev mode has arena-shooter (fps), lane-battle (moba), open-world (rpg))"
+                ),
+            ));
+        }
+    }
+    Ok(map)
+}
+
+/// `host:port` of an `http://host:port` URL.
+fn authority(url: &str) -> Result<String, LiveError> {
+    let bad = |rule: &str| LiveError::Option {
+        flag: "broker",
+        value: url.to_owned(),
+        rule: rule.to_owned(),
+    };
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        bad("must be http://HOST:PORT (the API over plain HTTP; https is not supported)")
+    })?;
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() || rest.contains('/') || rest.contains('@') {
+        return Err(bad("must be http://HOST:PORT with no path"));
+    }
+    let has_port = rest
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !has_port {
+        return Err(bad("must name the port: http://HOST:PORT"));
+    }
+    Ok(rest.to_owned())
+}
+
+fn invalid(field: &str, value: &str, rule: &str) -> LiveError {
+    LiveError::Scenario {
+        field: field.to_owned(),
+        value: value.to_owned(),
+        rule: rule.to_owned(),
+    }
+}
+
+fn join_unique(items: &[&str]) -> String {
+    let mut seen: Vec<&str> = Vec::new();
+    for i in items {
+        if !seen.contains(i) {
+            seen.push(i);
+        }
+    }
+    seen.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use framecast_shared::gpu::GpuMode;
+
+    fn scenario(fleet: &str, extra: &str) -> Scenario {
+        let text = format!(
+            r#"
+name = "t"
+duration_s = 600
+{fleet}
+[demand]
+arrivals = {{ kind = "poisson", rate_per_s = 0.5 }}
+tiers = {{ "720p" = 1 }}
+genres = {{ fps = 1, rpg = 1 }}
+{extra}
+"#
+        );
+        Scenario::parse(&text, "t.toml").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const ONE: &str = "[[fleet]]\nregion = \"eu\"\nnodes = 3\nmodel = \"l4\"\ngpus_per_node = 2\n";
+
+    #[test]
+    fn a_single_region_fleet_becomes_identical_agents() {
+        let plan = Plan::new(&scenario(ONE, ""), &LiveOptions::default()).unwrap();
+        let Target::Own {
+            nodes,
+            gpus_per_node,
+            gpus_toml,
+            ..
+        } = &plan.target
+        else {
+            panic!("{:?}", plan.target)
+        };
+        assert_eq!((*nodes, *gpus_per_node), (3, 2));
+        let back: SimulatedGpus = toml::from_str(gpus_toml).unwrap();
+        assert_eq!(back.gpus[0].count, 2);
+        assert_eq!(back.gpus[0].mode, Some(GpuMode::EqualSize));
+        assert!(gpus_toml.contains(&GpuMode::EqualSize.to_string()));
+        assert_eq!(plan.games.len(), 3);
+    }
+
+    #[test]
+    fn what_live_cannot_run_is_refused_naming_the_field() {
+        let two_regions = format!("{ONE}{}", ONE.replace("\"eu\"", "\"us\""));
+        let mixed = format!("{ONE}{}", ONE.replace("\"l4\"", "\"a10\""));
+        let big = ONE.replace("nodes = 3", "nodes = 65");
+        let external = LiveOptions {
+            broker: Some("http://127.0.0.1:9".into()),
+            api_key: Some("k".into()),
+            ..LiveOptions::default()
+        };
+        let cases: Vec<(Scenario, LiveOptions, &str)> = vec![
+            (
+                scenario(&two_regions, ""),
+                LiveOptions::default(),
+                "fleet = regions eu, us",
+            ),
+            (scenario(&mixed, ""), LiveOptions::default(), "fleet.1 ="),
+            (
+                scenario(&big, ""),
+                LiveOptions::default(),
+                "fleet = 65 nodes",
+            ),
+            (
+                scenario(
+                    ONE,
+                    "[[faults]]\nkind = \"node-loss\"\nat_s = 10\nnodes = 1\n",
+                ),
+                external.clone(),
+                "faults.0 = node-loss",
+            ),
+            (
+                scenario(ONE, "").tap(|s| {
+                    s.demand.genres.insert("racing".into(), 1.0);
+                }),
+                LiveOptions::default(),
+                "demand.genres.racing",
+            ),
+            (
+                scenario(ONE, ""),
+                LiveOptions {
+                    speed: 0.0,
+                    ..LiveOptions::default()
+                },
+                "--speed 0",
+            ),
+            (
+                scenario(ONE, ""),
+                LiveOptions {
+                    broker: Some("https://x:1".into()),
+                    api_key: Some("k".into()),
+                    ..LiveOptions::default()
+                },
+                "--broker https://x:1",
+            ),
+            (
+                scenario(ONE, ""),
+                LiveOptions {
+                    api_key: None,
+                    ..external.clone()
+                },
+                "--api-key",
+            ),
+        ];
+        for (s, o, want) in cases {
+            let err = Plan::new(&s, &o).unwrap_err().to_string();
+            assert!(err.contains(want), "{err:?} lacks {want:?}");
+        }
+        // Mapped genres and an external broker without faults are fine.
+        let mut s = scenario(ONE, "");
+        s.demand.genres.insert("racing".into(), 1.0);
+        let o = LiveOptions {
+            games: vec!["racing=kart".parse().unwrap()],
+            ..external
+        };
+        let plan = Plan::new(&s, &o).unwrap();
+        assert!(
+            matches!(&plan.target, Target::External { authority, .. } if authority == "127.0.0.1:9")
+        );
+        assert_eq!(
+            plan.games[&GenreName::new("racing").unwrap()].as_str(),
+            "kart"
+        );
+    }
+
+    #[test]
+    fn timers_are_divided_by_the_speed_and_those_that_must_not_fire_outlast_the_run() {
+        let mut c = BrokerConfig::default();
+        scale_timers(&mut c, 60.0, Duration::from_secs(30));
+        assert_eq!(c.timers.queue_timeout_s, 2);
+        assert_eq!(c.timers.reconnect_grace_s, 2);
+        assert_eq!(c.control.node_lost_grace_ms, 500);
+        assert_eq!(c.control.heartbeat_interval_ms, 100);
+        assert!(c.control.suspect_after_ms > c.control.heartbeat_interval_ms);
+        assert!(c.control.down_after_ms > c.control.suspect_after_ms);
+        assert_eq!(c.timers.reservation_ttl_s, 630);
+        assert_eq!(c.timers.idle_timeout_s, 630);
+        let mut errors = Vec::new();
+        framecast_shared::config::Validate::validate(&c, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        // Real time leaves the modelled timers alone.
+        let mut real = BrokerConfig::default();
+        scale_timers(&mut real, 1.0, Duration::from_secs(3600));
+        assert_eq!(real.timers.queue_timeout_s, 120);
+        assert_eq!(real.control.down_after_ms, 10_000);
+    }
+
+    #[test]
+    fn the_clock_compresses_simulated_time() {
+        let start = Instant::now();
+        let c = Clock { start, speed: 60.0 };
+        assert_eq!(c.wall(60_000) - start, Duration::from_secs(1));
+        assert_eq!(c.sim_ms(start + Duration::from_millis(500)), 30_000);
+        assert_eq!(c.sim_of(Duration::from_millis(10)), 600);
+    }
+
+    trait Tap: Sized {
+        fn tap(mut self, f: impl FnOnce(&mut Self)) -> Self {
+            f(&mut self);
+            self
+        }
+    }
+    impl Tap for Scenario {}
+}

@@ -1,0 +1,356 @@
+//! The counts of a `live` run, defined as the `sim` engine defines them, and the fleet samples
+//! read from the broker's API. No I/O: the run's tasks report what happened, and the report
+//! is assembled from the tally at the end.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Deserialize;
+
+use framecast_shared::gpu::models;
+use framecast_shared::tier::TierPreset;
+
+use crate::report::{self, Percentiles, Report, Sample, SloCheck};
+use crate::scenario::Scenario;
+
+/// What every request came to.
+#[derive(Debug)]
+pub(crate) struct Tally {
+    /// Requests made.
+    pub requests: u64,
+    /// Placed, at once or after queueing.
+    pub placed: u64,
+    /// Placed by the first answer (201 without a retry).
+    pub placed_at_once: u64,
+    /// Had to queue (202).
+    pub queued: u64,
+    /// Refused, per reason.
+    pub rejected: BTreeMap<String, u64>,
+    /// Queued players who gave up.
+    pub abandoned: u64,
+    /// Sessions that ended, per reason.
+    pub ended: BTreeMap<String, u64>,
+    /// Requests that got no answer at all, per kind of failure.
+    pub failed: BTreeMap<String, u64>,
+    /// Requests answered only after a retry.
+    pub retried: u64,
+    /// Requests first tried while the broker was restarting.
+    pub retried_after_restart: u64,
+    /// Sessions released when the run ended (still held or queued then).
+    pub released_at_end: u64,
+    /// Sessions the run could not release (left to the broker's timers).
+    pub release_failures: u64,
+    /// Nodes lost to faults.
+    pub nodes_lost: u64,
+    /// Broker restarts.
+    pub broker_restarts: u64,
+    /// Queue waits of placed requests, simulated ms.
+    waits: Histogram<u64>,
+    /// Allocation latency, µs from the due time to the answer.
+    latency: Histogram<u64>,
+    /// Wall time from the start to the last answer.
+    last_answer: Duration,
+    /// Framebuffer the held sessions' tiers need, MB (for the real use of the samples).
+    needed_fb_mb: u64,
+    tier_fb: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    /// An empty tally.
+    pub(crate) fn new() -> Self {
+        Self {
+            requests: 0,
+            placed: 0,
+            placed_at_once: 0,
+            queued: 0,
+            rejected: BTreeMap::new(),
+            abandoned: 0,
+            ended: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            retried: 0,
+            retried_after_restart: 0,
+            released_at_end: 0,
+            release_failures: 0,
+            nodes_lost: 0,
+            broker_restarts: 0,
+            waits: histogram(),
+            latency: histogram(),
+            last_answer: Duration::ZERO,
+            needed_fb_mb: 0,
+            tier_fb: TierPreset::defaults()
+                .into_iter()
+                .map(|t| (t.name.to_string(), t.framebuffer.megabytes().get()))
+                .collect(),
+        }
+    }
+
+    /// A request was answered `latency` after its due time, `since_start` into the run.
+    pub(crate) fn answered(&mut self, latency: Duration, since_start: Duration) {
+        self.latency.saturating_record(
+            u64::try_from(latency.as_micros())
+                .unwrap_or(u64::MAX)
+                .max(1),
+        );
+        self.last_answer = self.last_answer.max(since_start);
+    }
+
+    /// A request of `tier` got a GPU after waiting `wait_ms` simulated ms (0: at once).
+    pub(crate) fn placed(&mut self, tier: &str, wait_ms: u64, at_once: bool) {
+        self.placed += 1;
+        if at_once {
+            self.placed_at_once += 1;
+        }
+        self.waits.saturating_record(wait_ms);
+        self.needed_fb_mb += self.tier_fb.get(tier).copied().unwrap_or(0);
+    }
+
+    /// A placed session of `tier` is no longer held.
+    pub(crate) fn unheld(&mut self, tier: &str) {
+        let fb = self.tier_fb.get(tier).copied().unwrap_or(0);
+        self.needed_fb_mb = self.needed_fb_mb.saturating_sub(fb);
+    }
+
+    /// A request was refused for `reason`.
+    pub(crate) fn rejected(&mut self, reason: String) {
+        *self.rejected.entry(reason).or_default() += 1;
+    }
+
+    /// A session ended for `reason`.
+    pub(crate) fn ended(&mut self, reason: String) {
+        *self.ended.entry(reason).or_default() += 1;
+    }
+
+    /// A request got no answer.
+    pub(crate) fn failed(&mut self, kind: &str) {
+        *self.failed.entry(kind.to_owned()).or_default() += 1;
+    }
+
+    /// The fleet at `t_s` from the broker's node and pool lists (either may be missing: the
+    /// tenant may not list nodes).
+    pub(crate) fn sample(
+        &self,
+        t_s: u64,
+        nodes: Option<&[NodeBody]>,
+        pools: Option<&[PoolBody]>,
+    ) -> Sample {
+        let mut s = Sample {
+            t_s,
+            ..Sample::default()
+        };
+        if let Some(pools) = pools {
+            s.queued = pools.iter().map(|p| p.queued).sum();
+            s.sessions = pools.iter().map(|p| p.reserved + p.active).sum();
+        }
+        if let Some(nodes) = nodes {
+            let gpus = nodes
+                .iter()
+                .filter(|n| n.state != "down")
+                .flat_map(|n| &n.gpus);
+            let (mut fb, mut fb_used, mut enc, mut enc_used, mut fb_in_use) =
+                (0u64, 0u64, 0.0, 0.0, 0u64);
+            let mut sessions = 0u64;
+            let mut in_use = 0u64;
+            for g in gpus {
+                fb += g.framebuffer_mb;
+                fb_used += g.framebuffer_used_mb;
+                enc_used += g.encoder_used;
+                enc += models::find(&g.model).map_or(0.0, |m| m.encoder_capacity.as_f64());
+                sessions += u64::from(g.sessions);
+                if g.sessions > 0 {
+                    in_use += 1;
+                    fb_in_use += g.framebuffer_mb;
+                }
+            }
+            s.sessions = sessions;
+            s.gpus_in_use = in_use;
+            s.framebuffer = ratio(fb_used as f64, fb as f64);
+            s.encoder = ratio(enc_used, enc);
+            s.real_use = ratio(self.needed_fb_mb as f64, fb_in_use as f64).min(1.0);
+        }
+        s
+    }
+
+    /// The report: the counts, the distributions, the timeline and the SLO checks.
+    pub(crate) fn report(
+        &self,
+        scenario: &Scenario,
+        fleet: (u64, u64),
+        timeline: Vec<Sample>,
+        wall: Duration,
+    ) -> Report {
+        let peak = timeline
+            .iter()
+            .fold(None::<&Sample>, |best, s| match best {
+                Some(b) if b.framebuffer > s.framebuffer => Some(b),
+                _ => Some(s),
+            })
+            .cloned()
+            .unwrap_or_default();
+        let mean = |f: fn(&Sample) -> f64| {
+            if timeline.is_empty() {
+                0.0
+            } else {
+                timeline.iter().map(f).sum::<f64>() / timeline.len() as f64
+            }
+        };
+        let latency =
+            (!self.latency.is_empty()).then(|| Percentiles::scaled(&self.latency, 1000.0));
+        let mut r = Report {
+            schema: report::SCHEMA,
+            scenario: scenario.name.clone(),
+            engine: "live".into(),
+            // The broker's own strategy: it is not configurable.
+            strategy: "genre-weighted".into(),
+            seed: scenario.seed,
+            duration_s: scenario.duration_s,
+            nodes: fleet.0,
+            gpus: fleet.1,
+            requests: self.requests,
+            placed: self.placed,
+            placed_at_once: self.placed_at_once,
+            queued: self.queued,
+            rejected: self.rejected.clone(),
+            abandoned: self.abandoned,
+            ended: self.ended.clone(),
+            nodes_lost: self.nodes_lost,
+            broker_restarts: self.broker_restarts,
+            retried_after_restart: self.retried_after_restart,
+            queue_wait_s: Percentiles::of_millis(&self.waits),
+            queue_wait_cdf: report::cdf(&self.waits, 1000.0),
+            peak_sessions_per_gpu_in_use: ratio(peak.sessions as f64, peak.gpus_in_use as f64),
+            mean_framebuffer: mean(|s| s.framebuffer),
+            mean_real_use: mean(|s| s.real_use),
+            peak,
+            timeline,
+            wall_seconds: wall.as_secs_f64(),
+            allocation_latency_ms: latency,
+            allocation_latency_cdf: report::cdf(&self.latency, 1000.0),
+            allocations_per_s: (!self.last_answer.is_zero())
+                .then(|| self.latency.len() as f64 / self.last_answer.as_secs_f64()),
+            ..Report::default()
+        };
+        r.slo = SloCheck::all(&scenario.slo, &r);
+        r.ok = r.slo.iter().all(|c| c.ok);
+        r
+    }
+}
+
+/// A node of `GET /v1/nodes`: the fields a sample reads.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct NodeBody {
+    /// `ready`, `cordoned`, `draining` or `down`.
+    #[serde(default)]
+    pub state: String,
+    /// Whether its agent is connected now.
+    #[serde(default)]
+    pub connected: bool,
+    /// Its GPUs.
+    #[serde(default)]
+    pub gpus: Vec<GpuBody>,
+}
+
+/// A GPU of a [`NodeBody`].
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct GpuBody {
+    /// Its model.
+    #[serde(default)]
+    pub model: String,
+    /// Slots holding sessions.
+    #[serde(default)]
+    pub sessions: u16,
+    /// Framebuffer, MB.
+    #[serde(default)]
+    pub framebuffer_mb: u64,
+    /// Framebuffer occupied, MB.
+    #[serde(default)]
+    pub framebuffer_used_mb: u64,
+    /// Encoder units leased.
+    #[serde(default)]
+    pub encoder_used: f64,
+}
+
+/// A pool of `GET /v1/pools`.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct PoolBody {
+    /// Sessions reserved.
+    #[serde(default)]
+    pub reserved: u64,
+    /// Sessions connecting, playing or reconnecting.
+    #[serde(default)]
+    pub active: u64,
+    /// Requests waiting.
+    #[serde(default)]
+    pub queued: u64,
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 to 2^40 (µs: 12 days; ms: 34 years), 3 significant digits; values beyond saturate.
+    // Constant bounds that hdrhistogram accepts (low ≥ 1, high ≥ 2 × low, sigfig ≤ 5).
+    Histogram::new_with_bounds(1, 1 << 40, 3).unwrap_or_else(|_| unreachable!("valid bounds"))
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { 0.0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smoke() -> Scenario {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/smoke.toml");
+        Scenario::load(&path).unwrap()
+    }
+
+    #[test]
+    fn counts_and_distributions_reach_the_report() {
+        let mut t = Tally::new();
+        t.requests = 4;
+        t.queued = 1;
+        t.placed("720p", 0, true);
+        t.placed("4k", 30_000, false);
+        t.rejected("no-capacity".into());
+        t.ended("released".into());
+        for ms in [2, 4, 6] {
+            t.answered(Duration::from_millis(ms), Duration::from_secs(3));
+        }
+        let nodes: Vec<NodeBody> = serde_json::from_str(
+            r#"[{"state":"ready","connected":true,"gpus":[
+                {"model":"NVIDIA L4","sessions":2,"framebuffer_mb":24576,"framebuffer_used_mb":6144,"encoder_used":1.5},
+                {"model":"NVIDIA L4","sessions":0,"framebuffer_mb":24576,"framebuffer_used_mb":0,"encoder_used":0}]},
+                {"state":"down","gpus":[{"model":"NVIDIA L4","sessions":1,"framebuffer_mb":24576}]}]"#,
+        )
+        .unwrap();
+        let pools: Vec<PoolBody> =
+            serde_json::from_str(r#"[{"reserved":2,"active":0,"queued":1},{"queued":0}]"#).unwrap();
+        let sample = t.sample(60, Some(&nodes), Some(&pools));
+        assert_eq!(
+            (sample.sessions, sample.queued, sample.gpus_in_use),
+            (2, 1, 1)
+        );
+        assert!((sample.framebuffer - 0.125).abs() < 1e-9, "{sample:?}");
+        assert!(sample.encoder > 0.0 && sample.real_use > 0.0);
+        let r = t.report(
+            &smoke(),
+            (4, 8),
+            vec![Sample::default(), sample.clone()],
+            Duration::from_secs(3),
+        );
+        assert_eq!(r.engine, "live");
+        assert_eq!(
+            (r.requests, r.placed, r.placed_at_once, r.queued),
+            (4, 2, 1, 1)
+        );
+        assert_eq!(r.rejected["no-capacity"], 1);
+        assert_eq!(r.queue_wait_s.count, 2);
+        assert!((r.queue_wait_s.max - 30.0).abs() < 0.1);
+        let lat = r.allocation_latency_ms.unwrap();
+        assert_eq!(lat.count, 3);
+        assert!((lat.p50 - 4.0).abs() < 0.01, "{lat:?}");
+        assert_eq!(r.allocations_per_s, Some(1.0));
+        assert_eq!(r.peak, sample);
+        // smoke.toml allows no rejection.
+        assert!(!r.ok);
+    }
+}
