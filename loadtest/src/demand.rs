@@ -258,9 +258,12 @@ fn abandon_after(p: f64, rng: &mut fastrand::Rng) -> Option<u64> {
     if p >= 1.0 {
         return Some(60_000);
     }
-    let per_ms = -(1.0 - p).ln() / 60_000.0;
+    // ln(1 - p) without losing a tiny p to rounding (1 - 1e-17 is 1).
+    let per_ms = -(-p).ln_1p() / 60_000.0;
     let u = rng.f64().max(f64::MIN_POSITIVE);
-    Some(to_ms(-u.ln() / per_ms))
+    let after = -u.ln() / per_ms;
+    // Patience beyond any run (about 30 years) is none.
+    (after.is_finite() && after < 1e12).then(|| to_ms(after))
 }
 
 /// The arrival rate at `t_ms`, per second (0 for a trace, which has no rate).

@@ -101,7 +101,11 @@ struct Outputs {
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    // The engines' warnings, and the in-process broker's and agents' (FRAMECAST_LOG=info for
+    // all of their log).
+    framecast_shared::ops::init_logging_or("warn");
+    match cli.command {
         Command::Models { config } => {
             let tiers = config
                 .load::<BrokerConfig>()
@@ -310,7 +314,9 @@ fn apply_slo(slo: &mut scenario::Slo, pairs: &[String]) -> Result<(), String> {
         let value: f64 = value
             .trim()
             .parse()
-            .map_err(|_| format!("--slo {pair}: {value} is not a number"))?;
+            .ok()
+            .filter(|v: &f64| v.is_finite() && *v >= 0.0)
+            .ok_or_else(|| format!("--slo {pair}: {value} is not a number ≥ 0"))?;
         let field = match key.trim() {
             "max_rejected_ratio" => &mut slo.max_rejected_ratio,
             "max_queue_wait_p99_s" => &mut slo.max_queue_wait_p99_s,

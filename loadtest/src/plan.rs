@@ -16,7 +16,9 @@ use crate::sim::{self, SimError};
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     /// The scenario sets no SLO, so no fleet size is better than another.
-    #[error("{0}: the scenario has no [slo] thresholds to plan for (add some, or pass --slo)")]
+    #[error(
+        "{0}: no max_rejected_ratio or max_queue_wait_p99_s to plan for (add one to [slo], or pass --slo)"
+    )]
     NoSlo(String),
     /// A run failed.
     #[error(transparent)]
@@ -51,34 +53,56 @@ pub struct Plan {
     pub scenario_nodes: u64,
     /// Every size tried, in the order tried.
     pub probes: Vec<Probe>,
+    /// SLO thresholds of the scenario the search leaves out (see [`plan`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignored: Vec<String>,
     /// The smallest size that met the SLO, nodes; `None` when even the ceiling failed.
     pub smallest_nodes: Option<u64>,
     /// Its GPUs.
     pub smallest_gpus: Option<u64>,
 }
 
+/// The most nodes one fleet group may have (as in a scenario file).
+pub const MAX_GROUP_NODES: u64 = 100_000;
+
 /// Finds the smallest fleet for `scenario` of at most `max_nodes` nodes; `progress` counts
 /// probes.
+///
+/// `min_peak_framebuffer_utilization` is left out of the search: it falls as the fleet grows,
+/// so it bounds the fleet from above, and a smallest fleet that meets the others is the one
+/// that comes closest to it. The plan says so in [`Plan::ignored`].
 pub fn plan(
     scenario: &Scenario,
     strategy: Option<&str>,
     max_nodes: u64,
     progress: &indicatif::ProgressBar,
 ) -> Result<Plan, PlanError> {
-    let slo = &scenario.slo;
-    if slo.max_rejected_ratio.is_none()
-        && slo.max_queue_wait_p99_s.is_none()
-        && slo.min_peak_framebuffer_utilization.is_none()
+    let mut scenario = scenario.clone();
+    let mut ignored = Vec::new();
+    if scenario
+        .slo
+        .min_peak_framebuffer_utilization
+        .take()
+        .is_some()
     {
+        ignored.push("min_peak_framebuffer_utilization".to_owned());
+    }
+    let slo = &scenario.slo;
+    if slo.max_rejected_ratio.is_none() && slo.max_queue_wait_p99_s.is_none() {
         return Err(PlanError::NoSlo(scenario.name.clone()));
     }
+    let scenario = &scenario;
+    let groups = scenario.fleet.len() as u64;
     let own: u64 = scenario.fleet.iter().map(|g| g.nodes as u64).sum();
-    let max_nodes = max_nodes.max(1);
+    // Every group keeps a node, and none grows past a scenario's limit.
+    let floor = groups.max(1);
+    let max_nodes = max_nodes.clamp(floor, MAX_GROUP_NODES.saturating_mul(floor));
     let mut out = Plan {
         schema: SCHEMA,
         scenario: scenario.name.clone(),
         strategy: strategy.unwrap_or(&scenario.strategy).to_owned(),
         scenario_nodes: own,
+        ignored,
         ..Plan::default()
     };
     let probe = |nodes: u64, out: &mut Plan| -> Result<bool, PlanError> {
@@ -102,10 +126,11 @@ pub fn plan(
         });
         Ok(ok)
     };
-    // The largest size known to fail and the smallest known to pass.
-    let mut fail = 0u64;
+    // The largest size known to fail (below the floor: none tried) and the smallest known to
+    // pass; every size is one `resized` gives exactly.
+    let mut fail = floor - 1;
     let mut pass = None;
-    let mut n = own.clamp(1, max_nodes);
+    let mut n = own.clamp(floor, max_nodes);
     loop {
         if probe(n, &mut out)? {
             pass = Some(n);
@@ -118,10 +143,10 @@ pub fn plan(
         n = n.saturating_mul(2).min(max_nodes);
     }
     if let Some(mut hi) = pass {
-        if fail == 0 && hi > 1 {
+        if fail < floor && hi > floor {
             // The scenario's own fleet passes: look below it.
-            let lo = hi / 8;
-            if lo >= 1 && probe(lo, &mut out)? {
+            let lo = (hi / 8).max(floor);
+            if probe(lo, &mut out)? {
                 hi = lo;
             } else {
                 fail = lo;
@@ -129,9 +154,6 @@ pub fn plan(
         }
         while hi - fail > (hi / 100).max(1) {
             let mid = fail + (hi - fail) / 2;
-            if mid == 0 {
-                break;
-            }
             if probe(mid, &mut out)? {
                 hi = mid;
             } else {
@@ -144,14 +166,39 @@ pub fn plan(
     Ok(out)
 }
 
-/// `scenario` with its fleet scaled to about `nodes` nodes, every group keeping its share (and
-/// at least one node), faults clamped to the new fleet.
+/// `scenario` with its fleet scaled to `nodes` nodes (at least one per group, at most
+/// [`MAX_GROUP_NODES`] each), every group keeping its share as nearly as whole nodes allow
+/// (largest remainders), faults clamped to the new fleet.
 pub fn resized(scenario: &Scenario, nodes: u64) -> Scenario {
-    let own: u64 = scenario.fleet.iter().map(|g| g.nodes as u64).sum();
     let mut s = scenario.clone();
-    for g in &mut s.fleet {
-        let share = g.nodes as f64 / own.max(1) as f64;
-        g.nodes = nearest_count(share * nodes as f64).max(1);
+    let groups = s.fleet.len();
+    let own: u64 = s.fleet.iter().map(|g| g.nodes as u64).sum();
+    let nodes = nodes.max(groups as u64);
+    // One node for every group first, then the rest by share.
+    let rest = nodes - groups as u64;
+    let shares: Vec<f64> = s
+        .fleet
+        .iter()
+        .map(|g| g.nodes as f64 / own.max(1) as f64 * rest as f64)
+        .collect();
+    let mut counts: Vec<u64> = shares.iter().map(|x| whole(x.floor())).collect();
+    let mut left = rest.saturating_sub(counts.iter().sum());
+    let mut by_remainder: Vec<usize> = (0..groups).collect();
+    by_remainder.sort_by(|&a, &b| {
+        let frac = |i: usize| shares.get(i).map_or(0.0, |x| x - x.floor());
+        frac(b).total_cmp(&frac(a)).then(a.cmp(&b))
+    });
+    for i in by_remainder.iter().cycle().take(groups * 2) {
+        if left == 0 {
+            break;
+        }
+        if let Some(c) = counts.get_mut(*i) {
+            *c += 1;
+            left -= 1;
+        }
+    }
+    for (g, c) in s.fleet.iter_mut().zip(counts) {
+        g.nodes = usize::try_from((c + 1).min(MAX_GROUP_NODES)).unwrap_or(1);
     }
     let total: usize = s.fleet.iter().map(|g| g.nodes).sum();
     for f in &mut s.faults {
@@ -162,12 +209,12 @@ pub fn resized(scenario: &Scenario, nodes: u64) -> Scenario {
     s
 }
 
-/// `x` rounded to the nearest count (negative and NaN as 0).
+/// `x` (a whole non-negative number) as a count; negative and NaN as 0.
 // Node counts are far below 2^52, where f64 holds every integer.
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-fn nearest_count(x: f64) -> usize {
+fn whole(x: f64) -> u64 {
     if x.is_finite() && x > 0.0 {
-        x.round().min(usize::MAX as f64) as usize
+        x.min(u64::MAX as f64) as u64
     } else {
         0
     }
@@ -206,6 +253,12 @@ impl Plan {
                 } else {
                     format!("fails {}", p.failed.join(", "))
                 }
+            );
+        }
+        for name in &self.ignored {
+            let _ = writeln!(
+                s,
+                "({name} is left out: it falls as the fleet grows; see each size's peak fb%)"
             );
         }
         match (self.smallest_nodes, self.smallest_gpus) {
@@ -259,15 +312,29 @@ max_rejected_ratio = 0.01
 
     #[test]
     fn resizing_keeps_the_shape_and_clamps_faults() {
+        let sizes = |n: u64| -> Vec<usize> {
+            resized(&scenario(), n)
+                .fleet
+                .iter()
+                .map(|g| g.nodes)
+                .collect()
+        };
+        // Each group keeps a node; the fleet is exactly the size asked for.
+        assert_eq!(sizes(1), [1, 1]);
+        assert_eq!(sizes(2), [1, 1]);
+        assert_eq!(sizes(80), [60, 20]);
+        for n in 2..200 {
+            assert_eq!(
+                sizes(n).iter().sum::<usize>(),
+                usize::try_from(n).unwrap(),
+                "{n}"
+            );
+        }
+        // 6:2 of 14: one node each first, then 9:3 of the other 12.
+        assert_eq!(sizes(14), [10, 4]);
         let s = resized(&scenario(), 2);
-        let nodes: Vec<usize> = s.fleet.iter().map(|g| g.nodes).collect();
-        assert_eq!(nodes, [2, 1], "each group keeps at least one node");
-        assert!(matches!(s.faults[0], Fault::NodeLoss { nodes: 3, .. }));
-        let s = resized(&scenario(), 80);
-        assert_eq!(
-            s.fleet.iter().map(|g| g.nodes).collect::<Vec<_>>(),
-            [60, 20]
-        );
+        assert!(matches!(s.faults[0], Fault::NodeLoss { nodes: 2, .. }));
+        assert_eq!(resized(&scenario(), 10_000_000).fleet[0].nodes, 100_000);
     }
 
     #[test]
@@ -294,12 +361,14 @@ max_rejected_ratio = 0.01
     fn no_slo_no_plan_and_a_low_ceiling_finds_nothing() {
         let mut s = scenario();
         s.slo = Default::default();
+        s.slo.min_peak_framebuffer_utilization = Some(0.9);
         assert!(matches!(
             plan(&s, None, 100, &indicatif::ProgressBar::hidden()),
             Err(PlanError::NoSlo(_))
         ));
         let p = plan(&scenario(), None, 4, &indicatif::ProgressBar::hidden()).unwrap();
         assert_eq!(p.smallest_nodes, None);
+        assert!(p.probes.iter().all(|x| x.nodes <= 4));
         assert!(p.summary().contains("raise --max-nodes"));
     }
 }

@@ -218,7 +218,8 @@ impl Fault {
 pub struct Slo {
     /// The largest share of requests rejected (0–1).
     pub max_rejected_ratio: Option<f64>,
-    /// The longest p99 queue wait, seconds (placed requests that waited).
+    /// The longest p99 queue wait, seconds, over placed requests (those placed at once count as
+    /// 0).
     pub max_queue_wait_p99_s: Option<f64>,
     /// The lowest framebuffer utilisation at the busiest sample (0–1).
     pub min_peak_framebuffer_utilization: Option<f64>,

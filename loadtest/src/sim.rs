@@ -118,6 +118,16 @@ pub fn run_with_progress(
         }
     }
     progress.set_position(scenario.duration_s);
+    // Requests made while a broker restart outlasted the run never reached it.
+    for d in std::mem::take(&mut sim.deferred) {
+        if let Deferred::Request(_) = d {
+            sim.stats.requests += 1;
+            *sim.stats
+                .rejected
+                .entry("broker-unavailable".into())
+                .or_default() += 1;
+        }
+    }
     sim.report(scenario, strategy_name, started.elapsed())
 }
 
@@ -149,6 +159,8 @@ struct Sim<'a> {
     /// back).
     down_until: Option<u64>,
     deferred: Vec<Deferred>,
+    /// The engine's queue timeout for normal requests, ms.
+    queue_timeout_ms: u64,
 }
 
 /// What reaches the broker only once it is back.
@@ -163,12 +175,14 @@ impl<'a> Sim<'a> {
         let strategy = strategy::by_name(strategy_name, scenario.seed)
             .ok_or_else(|| SimError::Setup(format!("unknown strategy {strategy_name}")))?;
         let tiers = TierPreset::defaults();
-        let mut engine = Engine::new(
-            tiers.clone(),
-            GenreProfile::defaults(),
-            EngineConfig::default(),
-            strategy,
-        );
+        let config = EngineConfig::default();
+        let queue_timeout_ms = config
+            .queue_timeout
+            .get(Priority::Normal.index())
+            .map_or(u64::MAX, |t| {
+                u64::try_from(t.as_millis()).unwrap_or(u64::MAX)
+            });
+        let mut engine = Engine::new(tiers.clone(), GenreProfile::defaults(), config, strategy);
         // The fleet; a node-loss fault takes the first nodes.
         let mut nodes: Vec<NodeId> = Vec::new();
         let mut gpus = 0usize;
@@ -217,6 +231,7 @@ impl<'a> Sim<'a> {
             needed_fb_mb: 0,
             down_until: None,
             deferred: Vec::new(),
+            queue_timeout_ms,
         })
     }
 
@@ -382,9 +397,12 @@ impl<'a> Sim<'a> {
                         drop: r.drop,
                     },
                 );
-                if let Some(after) = r.gives_up_after_ms {
+                // A player more patient than the queue timeout never gets to give up.
+                if let Some(after) = r.gives_up_after_ms
+                    && after < self.queue_timeout_ms
+                {
                     self.calendar
-                        .push((r.at_ms + after).max(at), Event::Abandon(id));
+                        .push(r.at_ms.saturating_add(after).max(at), Event::Abandon(id));
                 }
             }
             Decision::Rejected { reason } => {
@@ -426,18 +444,27 @@ impl<'a> Sim<'a> {
             let _ = self.engine.observe_session(&node, 1, &id, state, now);
         }
         s.node = Some(node);
-        let end = at + s.length_ms.max(1);
+        let end = at.saturating_add(s.length_ms.max(1));
+        // A player whose stream drops and who never comes back releases nothing: the
+        // session ends when the broker's reconnect grace runs out.
+        let mut gone = false;
         if let Some(d) = s.drop
             && d.after_ms < s.length_ms
         {
-            self.calendar.push(at + d.after_ms, Event::Drop(id));
-            if let Some(back) = d.back_after_ms
-                && d.after_ms + back < s.length_ms
-            {
-                self.calendar.push(at + d.after_ms + back, Event::Back(id));
+            let dropped = at.saturating_add(d.after_ms);
+            self.calendar.push(dropped, Event::Drop(id));
+            match d.back_after_ms {
+                Some(back) if d.after_ms.saturating_add(back) < s.length_ms => {
+                    self.calendar
+                        .push(dropped.saturating_add(back), Event::Back(id));
+                }
+                Some(_) => {}
+                None => gone = true,
             }
         }
-        self.calendar.push(end, Event::End(id));
+        if !gone {
+            self.calendar.push(end, Event::End(id));
+        }
         Ok(())
     }
 

@@ -105,9 +105,34 @@ fn sim_is_deterministic_and_writes_its_report() {
         "placements_per_wall_second",
         "slo",
         "ok",
+        "placed_per_tier",
+        "reconnects",
+        "broker_restarts",
+        "retried_after_restart",
+        "mean_real_use",
+        "queue_wait_cdf",
     ] {
         assert!(r.get(field).is_some(), "report lacks {field}");
     }
+    let sample = &r["timeline"][0];
+    for field in [
+        "t_s",
+        "sessions",
+        "queued",
+        "gpus_in_use",
+        "framebuffer",
+        "encoder",
+        "compute",
+        "fragmentation",
+        "real_use",
+        "max_sessions_per_gpu",
+    ] {
+        assert!(sample.get(field).is_some(), "a sample lacks {field}");
+    }
+    // The queue-wait distribution rises to 1.
+    let cdf = r["queue_wait_cdf"].as_array().unwrap();
+    assert!(!cdf.is_empty() && cdf.len() <= 200);
+    assert!((cdf.last().unwrap()["quantile"].as_f64().unwrap() - 1.0).abs() < 1e-9);
     assert_eq!(r["schema"], 1);
     assert_eq!(r["nodes_lost"], 4);
     assert!(

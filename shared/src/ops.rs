@@ -21,10 +21,16 @@ use tokio::sync::watch;
 /// Sends the process's log to stderr, filtered by `FRAMECAST_LOG` (an `EnvFilter` directive;
 /// `info` when unset or unusable). Call once, first thing.
 pub fn init_logging() {
+    init_logging_or("info");
+}
+
+/// [`init_logging`] with another filter than `info` when `FRAMECAST_LOG` is unset or unusable
+/// (a tool that runs services in-process keeps their log down to `warn`).
+pub fn init_logging_or(default: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FRAMECAST_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
         .init();

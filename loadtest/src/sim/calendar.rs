@@ -8,15 +8,22 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
+use rustc_hash::FxHashMap;
+
 /// Events of type `E` by the millisecond they are due.
 #[derive(Debug)]
 pub(super) struct Calendar<E: Ord> {
-    /// `buckets[s]`: events due in second `s` (after the current one), unsorted.
-    buckets: Vec<Vec<(u64, u64, E)>>,
+    /// Events due in each later second, unsorted; only seconds that have events have an
+    /// entry, so a 30-day run costs nothing for the seconds nobody uses.
+    buckets: FxHashMap<u64, Vec<(u64, u64, E)>>,
     /// The current second's events, in order.
     now: BinaryHeap<Reverse<(u64, u64, E)>>,
     /// The second `now` holds.
-    second: usize,
+    second: u64,
+    /// The last second of the run: events due later are dropped.
+    last: u64,
+    /// The time of the last event popped: nothing runs before it.
+    clock_ms: u64,
     /// Push order, for ties.
     order: u64,
 }
@@ -24,24 +31,29 @@ pub(super) struct Calendar<E: Ord> {
 impl<E: Ord + Copy> Calendar<E> {
     /// A calendar for a run of `duration_s` seconds: events due later are dropped.
     pub(super) fn new(duration_s: u64) -> Self {
-        let len = usize::try_from(duration_s).map_or(usize::MAX, |d| d.saturating_add(2));
         Self {
-            buckets: std::iter::repeat_with(Vec::new).take(len).collect(),
+            buckets: FxHashMap::default(),
             now: BinaryHeap::new(),
             second: 0,
+            last: duration_s.saturating_add(1),
+            clock_ms: 0,
             order: 0,
         }
     }
 
-    /// Schedules `event` at `at_ms`; a time in the past runs in the current second, after
-    /// what is already due.
+    /// Schedules `event` at `at_ms`; a time before the last event popped is taken as that
+    /// time (time never runs backwards), after what is already due then.
     pub(super) fn push(&mut self, at_ms: u64, event: E) {
         self.order += 1;
-        let second = usize::try_from(at_ms / 1000).unwrap_or(usize::MAX);
+        let at_ms = at_ms.max(self.clock_ms);
+        let second = at_ms / 1000;
         if second <= self.second {
             self.now.push(Reverse((at_ms, self.order, event)));
-        } else if let Some(bucket) = self.buckets.get_mut(second) {
-            bucket.push((at_ms, self.order, event));
+        } else if second <= self.last {
+            self.buckets
+                .entry(second)
+                .or_default()
+                .push((at_ms, self.order, event));
         }
     }
 
@@ -49,11 +61,16 @@ impl<E: Ord + Copy> Calendar<E> {
     pub(super) fn pop(&mut self) -> Option<(u64, E)> {
         loop {
             if let Some(Reverse((at, _, e))) = self.now.pop() {
+                self.clock_ms = at;
                 return Some((at, e));
             }
+            if self.second >= self.last {
+                return None;
+            }
             self.second += 1;
-            let bucket = std::mem::take(self.buckets.get_mut(self.second)?);
-            self.now = bucket.into_iter().map(Reverse).collect();
+            if let Some(bucket) = self.buckets.remove(&self.second) {
+                self.now = bucket.into_iter().map(Reverse).collect();
+            }
         }
     }
 }
@@ -91,11 +108,12 @@ mod tests {
         c.push(1_100, 'a');
         c.push(1_900, 'c');
         assert_eq!(c.pop(), Some((1_100, 'a')));
-        // During second 1: an event later in that second, and one in the past.
+        // During second 1: an event later in that second, and one in the past, which runs
+        // now (time does not go back).
         c.push(1_500, 'b');
         c.push(200, 'z');
         c.push(60_000, 'x');
-        assert_eq!(c.pop(), Some((200, 'z')));
+        assert_eq!(c.pop(), Some((1_100, 'z')));
         assert_eq!(c.pop(), Some((1_500, 'b')));
         assert_eq!(c.pop(), Some((1_900, 'c')));
         assert_eq!(c.pop(), None);
