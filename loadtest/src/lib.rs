@@ -6,6 +6,8 @@
 //! - [`sim`]: the discrete-event engine over the real placement engine;
 //! - [`live`]: a real broker and agents on loopback, driven open-loop over HTTP;
 //! - [`webrtc`]: real WebRTC players against dev mode: how many streams a node holds;
+//! - [`http_client`]: the broker's HTTP API as `live` and `webrtc` call it, and how both
+//!   name refusals and unanswered requests;
 //! - [`compare`]: one demand under several strategies, and one GPU per player against pooling;
 //! - [`plan`]: the smallest fleet that meets a scenario's SLO;
 //! - [`report`]: the JSON report, the terminal summary and the SLO checks;
@@ -14,6 +16,7 @@
 pub mod compare;
 pub mod demand;
 pub mod html;
+pub mod http_client;
 pub mod live;
 pub mod plan;
 pub mod report;

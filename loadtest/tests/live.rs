@@ -1,9 +1,15 @@
 //! The `live` engine against real brokers on loopback: it agrees with `sim` on the smoke
-//! scenario, it drives an existing broker and leaves nothing behind, and it refuses what it
-//! cannot run with errors that name the scenario's field.
+//! scenario, it drives an existing broker and leaves nothing behind, a broker that gives no
+//! usable answer fails the run's rejection SLO, and it refuses what it cannot run with errors
+//! that name the scenario's field.
 
 // Tests: a failed unwrap is a failed test.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -14,6 +20,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use indicatif::ProgressBar;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use framecast_broker::dev::{DevOptions, start_dev};
 use framecast_loadtest::live::{self, LiveOptions};
@@ -81,10 +88,19 @@ fn sim_and_live_agree_on_the_smoke_scenario() {
     // A sample once a simulated minute (best effort: most of them at least).
     assert!(r.timeline.len() >= 25, "{} samples", r.timeline.len());
     assert!(
-        r.peak.sessions > 0 && r.peak.framebuffer > 0.0,
+        r.peak.sessions > 0 && r.peak.framebuffer > 0.0 && r.peak.max_sessions_per_gpu > 0,
         "{:?}",
         r.peak
     );
+    // The last sample is taken at the end, before the run releases what it holds.
+    let last = r.timeline.last().unwrap();
+    assert_eq!(last.t_s, scenario.duration_s);
+    assert!(
+        last.sessions >= live.released_at_end && last.sessions > 0,
+        "{last:?}, {} released at the end",
+        live.released_at_end
+    );
+    assert_eq!(r.placed_per_tier.values().sum::<u64>(), r.placed);
     // Sessions whose length ended within the run were released as in sim; the rest at the end.
     let released =
         |rep: &framecast_loadtest::report::Report| rep.ended.get("released").copied().unwrap_or(0);
@@ -204,6 +220,98 @@ abandon_per_minute = 0.9
 }
 
 #[test]
+fn a_broker_without_usable_answers_fails_the_rejection_slo() {
+    // A broker that lists its pools and nodes but answers every allocation with a body that
+    // is no session.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let addr = rt.block_on(fake_broker(|method, path| match (method, path) {
+        ("GET", "/v1/pools" | "/v1/nodes") => (200, "[]".into()),
+        ("POST", "/v1/sessions") => (201, "not a session".into()),
+        ("GET", p) if p.starts_with("/v1/sessions?") => (200, r#"{"sessions":[]}"#.into()),
+        _ => (404, "{}".into()),
+    }));
+    let scenario = Scenario::parse(
+        r#"
+name = "mute"
+seed = 5
+duration_s = 12
+
+[[fleet]]
+region = "local"
+nodes = 1
+model = "l4"
+gpus_per_node = 1
+
+[demand]
+arrivals = { kind = "poisson", rate_per_s = 2 }
+tiers = { "720p" = 1 }
+genres = { rpg = 1 }
+
+[slo]
+max_rejected_ratio = 0.01
+"#,
+        "mute.toml",
+    )
+    .unwrap();
+    let opts = LiveOptions {
+        broker: Some(format!("http://{addr}")),
+        api_key: Some("k".into()),
+        speed: 4.0,
+        connections: 4,
+        ..LiveOptions::default()
+    };
+    let live = live::run_detailed(&scenario, &opts, &ProgressBar::hidden()).unwrap();
+    let r = &live.report;
+    eprintln!("{}", r.summary());
+    assert!(r.requests > 5, "{}", r.requests);
+    assert_eq!(r.placed, 0);
+    assert_eq!(
+        r.rejected.get("no-answer-bad-answer").copied(),
+        Some(r.requests),
+        "{:?}",
+        r.rejected
+    );
+    assert_eq!(live.failed.get("bad-answer").copied(), Some(r.requests));
+    let check = r
+        .slo
+        .iter()
+        .find(|c| c.name == "max_rejected_ratio")
+        .unwrap();
+    assert!(!check.ok && !r.ok, "{check:?}");
+    drop(rt);
+}
+
+#[test]
+fn faults_are_applied_to_the_tools_own_deployment() {
+    // Smoke with a node lost and a broker restart, and its state under --data-dir.
+    let mut scenario = load("smoke.toml");
+    scenario.faults = vec![
+        framecast_loadtest::scenario::Fault::NodeLoss {
+            at_s: 600,
+            nodes: 1,
+        },
+        framecast_loadtest::scenario::Fault::BrokerRestart {
+            at_s: 1200,
+            down_s: 0,
+        },
+    ];
+    let data = tempfile::tempdir().unwrap();
+    let opts = LiveOptions {
+        speed: 90.0,
+        data_dir: Some(data.path().to_owned()),
+        ..LiveOptions::default()
+    };
+    let live = live::run_detailed(&scenario, &opts, &ProgressBar::hidden()).unwrap();
+    let r = &live.report;
+    eprintln!("{}", r.summary());
+    assert_eq!((r.nodes_lost, r.broker_restarts), (1, 1));
+    assert!(r.placed > 0 && r.placed + r.rejected.values().sum::<u64>() <= r.requests);
+    assert_eq!(live.release_failures, 0);
+    // The run's own state is gone.
+    assert_eq!(std::fs::read_dir(data.path()).unwrap().count(), 0);
+}
+
+#[test]
 fn what_live_cannot_run_is_refused_before_anything_starts() {
     let hidden = ProgressBar::hidden();
     let mut big = load("smoke.toml");
@@ -238,6 +346,16 @@ fn what_live_cannot_run_is_refused_before_anything_starts() {
         .unwrap_err()
         .to_string();
     assert!(err.starts_with("fleet = regions eu, us"), "{err}");
+
+    let mut month = load("smoke.toml");
+    month.duration_s = 30 * 24 * 3600;
+    let err = live::run(&month, &LiveOptions::default(), &hidden)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("--speed 1:") && err.contains("7 days"),
+        "{err}"
+    );
 }
 
 /// `GET path` as JSON, on a connection of its own.
@@ -258,4 +376,54 @@ async fn get(addr: SocketAddr, key: &str, path: &str) -> serde_json::Value {
         .unwrap();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body:?}"))
+}
+
+/// A broker that answers each request with `answer(method, path)`: a status and a JSON body,
+/// over keep-alive connections. Only what the client sends is parsed: a head and a
+/// `content-length` body.
+async fn fake_broker(answer: fn(&str, &str) -> (u16, String)) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    let length: usize = head
+                        .lines()
+                        .filter_map(|l| l.split_once(':'))
+                        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                        .map_or(0, |(_, v)| v.trim().parse().unwrap());
+                    while buf.len() < end + 4 + length {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..end + 4 + length);
+                    let mut words = head.split_whitespace();
+                    let (method, path) = (words.next().unwrap(), words.next().unwrap());
+                    let (status, body) = answer(method, path);
+                    let reply = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
 }

@@ -1,5 +1,7 @@
 //! The `webrtc` engine for real: dev mode on loopback, webrtc-rs players that allocate,
-//! connect over WHEP and receive the agent's OpenH264 video, then release their sessions.
+//! connect over WHEP and receive the agent's OpenH264 video, then release their sessions; and
+//! against brokers that misbehave, whose refusals, missing answers and unreleased sessions
+//! are findings in the report rather than lost.
 
 // In a test, a failed unwrap is a failed test.
 #![allow(
@@ -174,4 +176,130 @@ fn the_sync_run_brings_its_own_dev_mode_and_refuses_bad_options_before_starting(
     );
     assert_eq!(report.ended.get("released"), Some(&1));
     assert_eq!(progress.length(), Some(1), "one step of one second");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_and_unusable_answers_are_counted_by_the_names_live_uses() {
+    let opts = WebrtcOptions {
+        max_streams: 3,
+        ..WebrtcOptions::default()
+    };
+    let progress = indicatif::ProgressBar::hidden();
+    for (answer, want) in [
+        (
+            (201, "not a session".to_owned()),
+            "no-answer-bad-answer",
+        ),
+        (
+            (
+                429,
+                r#"{"type":"https://framecast.dev/problems/too-many-requests","detail":"slow down"}"#
+                    .to_owned(),
+            ),
+            "too-many-requests",
+        ),
+    ] {
+        let addr = fake_broker(0, answer).await;
+        let report = webrtc::run_on(addr, "k", &opts, &progress).await.unwrap();
+        assert_eq!((report.requests, report.placed), (1, 0), "{want}");
+        assert_eq!(
+            report.rejected,
+            [(want.to_owned(), 1)].into_iter().collect(),
+            "{want}"
+        );
+        let streams = report.streams.unwrap();
+        assert_eq!(streams.steps.len(), 1, "stepping stops at the failure");
+        assert_eq!(streams.first_failing, Some(1));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_the_broker_keeps_fail_the_step_and_the_steps_are_kept() {
+    // The node shows a session whatever is released: the wait for an empty node runs out
+    // (15 s).
+    let addr = fake_broker(
+        1,
+        (
+            503,
+            r#"{"type":"https://framecast.dev/problems/no-capacity","detail":"full"}"#.to_owned(),
+        ),
+    )
+    .await;
+    let opts = WebrtcOptions {
+        max_streams: 3,
+        ..WebrtcOptions::default()
+    };
+    let progress = indicatif::ProgressBar::hidden();
+    let report = webrtc::run_on(addr, "k", &opts, &progress).await.unwrap();
+    assert_eq!(report.rejected.get("no-capacity"), Some(&1));
+    let streams = report.streams.unwrap();
+    assert_eq!(streams.steps.len(), 1);
+    let step = &streams.steps[0];
+    assert!(!step.passed);
+    assert!(
+        step.failed_because
+            .iter()
+            .any(|f| f == "sessions not released"),
+        "{:?}",
+        step.failed_because
+    );
+    assert!(!report.ok);
+}
+
+/// A broker with one connected node showing `sessions` sessions, answering every
+/// `POST /v1/sessions` with `answer` (status, body), over keep-alive connections. Only what
+/// the client sends is parsed: a head and a `content-length` body.
+async fn fake_broker(sessions: u64, answer: (u16, String)) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    let length: usize = head
+                        .lines()
+                        .filter_map(|l| l.split_once(':'))
+                        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                        .map_or(0, |(_, v)| v.trim().parse().unwrap());
+                    while buf.len() < end + 4 + length {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..end + 4 + length);
+                    let mut words = head.split_whitespace();
+                    let (method, path) = (words.next().unwrap(), words.next().unwrap());
+                    let (status, body) = match (method, path) {
+                        ("GET", "/v1/nodes") => (
+                            200,
+                            format!(r#"[{{"connected":true,"gpus":[{{"sessions":{sessions}}}]}}]"#),
+                        ),
+                        ("POST", "/v1/sessions") => answer.clone(),
+                        _ => (404, "{}".to_owned()),
+                    };
+                    let reply = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
 }

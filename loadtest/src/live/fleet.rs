@@ -11,19 +11,17 @@ use std::time::{Duration, Instant};
 use hyper::{Method, StatusCode};
 
 use framecast_broker::dev::{Dev, DevOptions, Tune, start_dev};
-use framecast_shared::ids::NodeId;
+use framecast_shared::ids::{NodeId, SessionId};
 
-use super::client::{Api, View, problem_detail};
 use super::plan::{Plan, Target, scale_timers};
-use super::tally::{NodeBody, PoolBody};
+use super::tally::PoolBody;
 use super::{Ctx, LiveError};
+use crate::http_client::{self, Api, Fleet, FleetError, problem_detail};
 use crate::report::Sample;
 use crate::scenario::Fault;
 
 /// The longest wait for the in-process agents to connect.
 const READY_LIMIT: Duration = Duration::from_secs(60);
-/// How often the node list is read while waiting.
-const READY_POLL: Duration = Duration::from_millis(100);
 /// The longest the in-process deployment takes to stop.
 const STOP_LIMIT: Duration = Duration::from_secs(60);
 /// How often the fleet is sampled, simulated seconds (as `sim` does).
@@ -33,10 +31,11 @@ const SWEEP_LIMIT: Duration = Duration::from_secs(60);
 
 /// The broker a run talks to.
 pub(crate) struct Deployment {
-    /// The in-process one, while the run holds it (the fault task borrows it meanwhile).
+    /// The in-process one (the faults borrow it while the run goes on).
     pub dev: Option<Dev>,
-    /// Its state, when under `--data-dir` (removed at the end).
-    own_dir: Option<PathBuf>,
+    /// Its state, when under `--data-dir` (removed when the deployment is stopped or
+    /// dropped).
+    own_dir: Option<OwnDir>,
     /// Where its API is.
     pub addr: SocketAddr,
     /// How requests name it.
@@ -73,15 +72,16 @@ impl Deployment {
                 ..
             } => {
                 let api_key = format!("live-{}", uuid::Uuid::new_v4().simple());
-                let own_dir = data_dir
-                    .as_ref()
-                    .map(|d| d.join(format!("framecast-live-{}", uuid::Uuid::new_v4().simple())));
+                // Removed on every path from here, a failed start included.
+                let own_dir = data_dir.as_ref().map(|d| {
+                    OwnDir(d.join(format!("framecast-live-{}", uuid::Uuid::new_v4().simple())))
+                });
                 let (speed, wall) = (plan.speed, plan.wall_length());
                 let options = DevOptions {
                     nodes: *nodes,
                     gpus_toml: gpus_toml.clone(),
                     http: SocketAddr::from(([127, 0, 0, 1], 0)),
-                    data_dir: own_dir.clone(),
+                    data_dir: own_dir.as_ref().map(|d| d.0.clone()),
                     api_key: api_key.clone(),
                     tune: Some(Tune::new(move |c| scale_timers(c, speed, wall))),
                 };
@@ -112,8 +112,23 @@ impl Deployment {
                 STOP_LIMIT.as_secs()
             );
         }
-        if let Some(dir) = self.own_dir.take() {
-            let _ = std::fs::remove_dir_all(dir);
+        // After the deployment, which writes in it.
+        drop(self.own_dir.take());
+    }
+}
+
+/// A run's own state directory under `--data-dir`: a lease on it, removed when dropped.
+#[derive(Debug)]
+struct OwnDir(PathBuf);
+
+impl Drop for OwnDir {
+    fn drop(&mut self) {
+        match std::fs::remove_dir_all(&self.0) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(dir = %self.0.display(), error = %e, "the run's state was not removed")
+            }
         }
     }
 }
@@ -145,73 +160,61 @@ pub(crate) async fn ready(
             )));
         }
     }
-    let started = Instant::now();
-    loop {
-        let reply = api
-            .call(Method::GET, "/v1/nodes", None, None)
-            .await
-            .map_err(|e| LiveError::Broker(e.to_string()))?;
-        if reply.status == StatusCode::FORBIDDEN && want_nodes == 0 {
+    match http_client::wait_for_agents(api, want_nodes as u64, READY_LIMIT).await {
+        Ok(nodes) => {
+            let fleet = Fleet::of(&nodes);
+            Ok((fleet.connected, fleet.gpus))
+        }
+        Err(FleetError::Status {
+            status: StatusCode::FORBIDDEN,
+            ..
+        }) if want_nodes == 0 => {
             tracing::warn!("this API key may not list nodes: the timeline has no GPU figures");
-            return Ok(fallback);
+            Ok(fallback)
         }
-        let nodes: Vec<NodeBody> = if reply.status == StatusCode::OK {
-            serde_json::from_slice(&reply.body)
-                .map_err(|e| LiveError::Broker(format!("GET /v1/nodes: {e}")))?
-        } else {
-            return Err(LiveError::Broker(format!(
-                "GET /v1/nodes: {} {}",
-                reply.status,
-                problem_detail(&reply.body)
-            )));
-        };
-        let connected = nodes.iter().filter(|n| n.connected).count();
-        if connected >= want_nodes {
-            let gpus = nodes
-                .iter()
-                .filter(|n| n.connected)
-                .map(|n| n.gpus.len() as u64)
-                .sum();
-            return Ok((connected as u64, gpus));
-        }
-        if started.elapsed() > READY_LIMIT {
-            return Err(LiveError::Deploy(format!(
-                "{connected} of {want_nodes} agents connected within {} s",
-                READY_LIMIT.as_secs()
-            )));
-        }
-        tokio::time::sleep(READY_POLL).await;
+        Err(e @ FleetError::Absent { .. }) => Err(LiveError::Deploy(e.to_string())),
+        Err(e) => Err(LiveError::Broker(e.to_string())),
     }
 }
 
-/// Samples the fleet once a simulated minute, from 0 to the end of the run, best effort.
+/// Samples the fleet once a simulated minute, from 0 to before the end of the run, best
+/// effort; the sample at the end is the run's to take ([`sample_at`]) before it releases
+/// anything.
 pub(crate) async fn sample(ctx: Arc<Ctx>, duration_ms: u64) -> Vec<Sample> {
     let mut timeline = Vec::new();
     let mut ending = ctx.ending.clone();
     let mut at_ms = 0u64;
-    while at_ms <= duration_ms {
+    while at_ms < duration_ms {
         let at = ctx.clock.wall(at_ms);
         tokio::select! {
             () = tokio::time::sleep_until(at.into()) => {}
             Ok(_) = ending.wait_for(|e| *e) => {}
         }
-        // The run's end may come with the last sample's time; an early end takes no more.
+        // An early end takes no more.
         if ctx.aborted.load(Ordering::Relaxed) || Instant::now() < at {
             break;
         }
-        if ctx.broker_is_up() {
-            let nodes = list::<NodeBody>(&ctx.api, "/v1/nodes").await;
-            let pools = list::<PoolBody>(&ctx.api, "/v1/pools").await;
-            if nodes.is_some() || pools.is_some() {
-                let s = ctx
-                    .tally()
-                    .sample(at_ms / 1000, nodes.as_deref(), pools.as_deref());
-                timeline.push(s);
-            }
-        }
+        timeline.extend(sample_at(&ctx, at_ms).await);
         at_ms += SAMPLE_EVERY_S * 1000;
     }
     timeline
+}
+
+/// The fleet now, as the sample at simulated `at_ms`, from the lookup pool; none while the
+/// broker restarts or when it lists neither nodes nor pools.
+pub(crate) async fn sample_at(ctx: &Ctx, at_ms: u64) -> Option<Sample> {
+    if !ctx.broker_is_up() {
+        return None;
+    }
+    let nodes = http_client::nodes(&ctx.polls).await.ok();
+    let pools = list::<PoolBody>(&ctx.polls, "/v1/pools").await;
+    if nodes.is_none() && pools.is_none() {
+        return None;
+    }
+    Some(
+        ctx.tally()
+            .sample(at_ms / 1000, nodes.as_deref(), pools.as_deref()),
+    )
 }
 
 async fn list<T: serde::de::DeserializeOwned>(api: &Api, path: &str) -> Option<Vec<T>> {
@@ -222,14 +225,14 @@ async fn list<T: serde::de::DeserializeOwned>(api: &Api, path: &str) -> Option<V
     serde_json::from_slice(&reply.body).ok()
 }
 
-/// Applies the scenario's faults at their times to the in-process deployment; gives the
-/// deployment back, with the error that stopped the faults, if any.
+/// Applies the scenario's faults at their times to the in-process deployment until the run
+/// ends; the error that stopped them, if any.
 pub(crate) async fn faults(
-    ctx: Arc<Ctx>,
-    mut dev: Dev,
-    nodes: Vec<NodeId>,
+    ctx: &Ctx,
+    dev: &mut Dev,
+    nodes: &[NodeId],
     faults: Vec<Fault>,
-) -> (Dev, Option<String>) {
+) -> Option<String> {
     let mut faults = faults;
     faults.sort_by_key(Fault::at_s);
     let mut ending = ctx.ending.clone();
@@ -258,13 +261,13 @@ pub(crate) async fn faults(
                     // The deployment has no broker now: the run cannot go on.
                     ctx.aborted.store(true, Ordering::Relaxed);
                     let _ = ctx.end_tx.send(true);
-                    return (dev, Some(format!("the broker did not restart: {e:#}")));
+                    return Some(format!("the broker did not restart: {e:#}"));
                 }
                 let _ = ctx.up_tx.send(true);
             }
         }
     }
-    (dev, None)
+    None
 }
 
 /// Releases what this run left on the broker (sessions whose player id carries `run_id`):
@@ -279,8 +282,7 @@ pub(crate) async fn sweep(api: &Api, run_id: &str) -> u64 {
     }
     #[derive(serde::Deserialize)]
     struct Listed {
-        #[serde(flatten)]
-        view: View,
+        session_id: SessionId,
         #[serde(default)]
         player_id: String,
     }
@@ -307,7 +309,7 @@ pub(crate) async fn sweep(api: &Api, run_id: &str) -> u64 {
                 .iter()
                 .filter(|s| s.player_id.starts_with(&prefix))
             {
-                let path = format!("/v1/sessions/{}", s.view.session_id);
+                let path = format!("/v1/sessions/{}", s.session_id);
                 if api
                     .call(Method::DELETE, &path, None, None)
                     .await
@@ -324,4 +326,21 @@ pub(crate) async fn sweep(api: &Api, run_id: &str) -> u64 {
         released
     };
     tokio::time::timeout(SWEEP_LIMIT, work).await.unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_runs_own_dir_is_removed_when_its_lease_ends() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("framecast-live-x");
+        std::fs::create_dir_all(dir.join("broker")).unwrap();
+        std::fs::write(dir.join("broker/store"), b"x").unwrap();
+        drop(OwnDir(dir.clone()));
+        assert!(!dir.exists());
+        // One that was never made (the start failed before it) is no error.
+        drop(OwnDir(dir.clone()));
+    }
 }

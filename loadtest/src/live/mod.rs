@@ -20,14 +20,18 @@
 //!   it is placed (the queue wait is measured to that moment), the broker ends it (queue
 //!   timeout: ended `expired`), or the player's patience runs out (`DELETE`: abandoned). Any
 //!   other answer is a rejection, counted by reason. Calls that cannot reach the broker are
-//!   retried with backoff for up to 30 s (an idempotency key makes retries safe).
+//!   retried with backoff for up to 30 s (an idempotency key makes retries safe); a request
+//!   with no usable answer after that is a rejection too, `no-answer-<kind>`.
+//! - **The tool's own traffic apart.** Queued requests beyond the event streams, sessions on
+//!   lost nodes and the fleet samples are looked up on a small pool of their own, at most
+//!   every 250 ms of wall time per session, so that they do not queue in front of the calls
+//!   whose latency is measured.
 //! - **Faults** (the tool's own deployment only): `node-loss` stops the first nodes' agents;
 //!   `broker-restart` restarts the broker on the same addresses and store (it is away for as
 //!   long as the restart takes; `down_s` is not modelled).
 //! - **Not modelled:** stream drops (`reconnect_probability`): the API has no way to report a
 //!   dropped stream without a WHEP connection, so `live` ignores them.
 
-mod client;
 mod fleet;
 mod plan;
 mod player;
@@ -47,9 +51,9 @@ use tokio::task::JoinSet;
 use framecast_shared::ids::{GameId, GenreName};
 
 use crate::demand::{DemandError, DemandStream};
+use crate::http_client::Api;
 use crate::report::Report;
 use crate::scenario::Scenario;
-use client::Api;
 use plan::{Clock, Plan, Target};
 use tally::Tally;
 
@@ -73,8 +77,9 @@ pub struct LiveOptions {
     /// a minute. The broker the tool starts has its timers scaled to match.
     #[arg(long, value_name = "F", default_value_t = 1.0)]
     pub speed: f64,
-    /// Keep-alive HTTP connections for the calls (allocate, release, look up); requests beyond
-    /// them wait for one, and the wait counts in their latency.
+    /// Keep-alive HTTP connections for the players' calls (allocate, release); requests beyond
+    /// them wait for one, and the wait counts in their latency. The tool's own lookups (polls,
+    /// fleet samples) have a few connections of their own.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub connections: usize,
     /// The game to request for each genre, `genre=game,...`, over dev mode's (fps=arena-shooter,
@@ -179,8 +184,8 @@ pub enum LiveError {
 pub struct LiveRun {
     /// The report (engine `live`).
     pub report: Report,
-    /// Requests that got no answer at all (after retries), by kind (`connect`, `http`,
-    /// `timeout`, `bad-answer`).
+    /// Requests that got no usable answer (after retries), by kind (`connect`, `http`,
+    /// `timeout`, `bad-answer`); the report counts them in `rejected` as `no-answer-<kind>`.
     pub failed: BTreeMap<String, u64>,
     /// Requests answered only after a retry.
     pub retried: u64,
@@ -248,7 +253,11 @@ pub async fn run_async(
 
 /// What every request's task shares.
 pub(crate) struct Ctx {
+    /// The players' own calls (allocate, release), `--connections` of them.
     api: Api,
+    /// The tool's lookups (polls of queued or lost sessions, fleet samples), on a pool of
+    /// their own so that they do not delay the players' calls.
+    polls: Api,
     clock: Clock,
     /// When the run ends (wall clock).
     end: Instant,
@@ -290,8 +299,16 @@ impl Ctx {
     }
 }
 
-/// Event streams open at once; beyond, queued requests are polled.
-const MAX_STREAMS: usize = 256;
+/// Connections for the tool's own lookups (polls and samples).
+const POLL_CONNECTIONS: usize = 8;
+/// Event streams open at once when the open-file limit is unknown; beyond, queued requests
+/// are polled.
+const DEFAULT_STREAMS: usize = 256;
+/// The most event streams open at once, whatever the open-file limit.
+const MAX_STREAMS: usize = 2048;
+/// Open files kept for everything but the event streams (the pools, the in-process broker's
+/// store and listeners, the agents).
+const FILES_RESERVED: u64 = 512;
 /// The longest the players take to finish after the run's end (releases included).
 const DRAIN_LIMIT: Duration = Duration::from_secs(90);
 /// Between the checks of the broker and the first request.
@@ -306,13 +323,17 @@ async fn drive(
     demand: DemandStream,
     progress: &indicatif::ProgressBar,
 ) -> Result<LiveRun, LiveError> {
-    let api = Api::new(
-        deployment.addr,
-        &deployment.host,
-        &deployment.api_key,
-        plan.connections,
-    )
-    .map_err(|e| LiveError::Broker(e.to_string()))?;
+    let pool = |connections| {
+        Api::new(
+            deployment.addr,
+            &deployment.host,
+            &deployment.api_key,
+            connections,
+        )
+        .map_err(|e| LiveError::Broker(e.to_string()))
+    };
+    let api = pool(plan.connections)?;
+    let polls = pool(POLL_CONNECTIONS)?;
     let (want_nodes, scenario_fleet) = match &plan.target {
         Target::Own {
             nodes,
@@ -322,6 +343,11 @@ async fn drive(
         Target::External { .. } => (0, (0, 0)),
     };
     let fleet_size = fleet::ready(&api, want_nodes, scenario_fleet).await?;
+    let streams = stream_limit(
+        open_file_limit(),
+        plan.connections,
+        matches!(plan.target, Target::Own { .. }),
+    );
 
     let (end_tx, ending) = watch::channel(false);
     let (up_tx, broker_up) = watch::channel(true);
@@ -332,6 +358,7 @@ async fn drive(
     let end = clock.wall(plan.duration_ms);
     let ctx = Arc::new(Ctx {
         api,
+        polls,
         clock,
         end,
         tally: Mutex::new(Tally::new()),
@@ -342,7 +369,7 @@ async fn drive(
         restarts: AtomicU64::new(0),
         lost_nodes: watch::Sender::new(Vec::new()),
         aborted: AtomicBool::new(false),
-        streams: Semaphore::new(MAX_STREAMS),
+        streams: Semaphore::new(streams),
         games: plan.games.clone(),
         queue: plan.queue,
         run_id: format!("lt-{}", uuid::Uuid::new_v4().simple()),
@@ -351,65 +378,86 @@ async fn drive(
     progress.set_position(0);
 
     let sampler = tokio::spawn(fleet::sample(Arc::clone(&ctx), plan.duration_ms));
-    let faults = deployment.dev.take().map(|dev| {
-        tokio::spawn(fleet::faults(
-            Arc::clone(&ctx),
-            dev,
-            deployment.nodes.clone(),
-            scenario.faults.clone(),
-        ))
-    });
     let ticker = tokio::spawn(move_progress(
         Arc::clone(&ctx),
         progress.clone(),
         scenario.duration_s,
     ));
 
-    // The open loop: each request at its due time, whatever the earlier ones are doing.
-    let mut players = JoinSet::new();
-    let mut stop = ctx.ending.clone();
-    for r in demand {
-        let due = ctx.clock.wall(r.at_ms);
+    // The faults borrow the deployment rather than own it: one that overruns its limit is
+    // dropped, and the deployment, still the run's, is stopped all the same.
+    let faults = async {
+        let nodes = deployment.nodes.clone();
+        let dev = deployment.dev.as_mut()?;
+        let mut ending = ctx.ending.clone();
+        let applying = fleet::faults(&ctx, dev, &nodes, scenario.faults.clone());
+        let overrun = async {
+            let _ = ending.wait_for(|e| *e).await;
+            tokio::time::sleep(DRAIN_LIMIT).await;
+        };
         tokio::select! {
-            () = tokio::time::sleep_until(due.into()) => {}
-            // A failed fault ends the run early.
-            Ok(_) = stop.wait_for(|e| *e) => break,
+            error = applying => error,
+            () = overrun => Some(format!(
+                "a fault did not finish within {} s of the run's end; it was abandoned and the \
+                 deployment stopped",
+                DRAIN_LIMIT.as_secs()
+            )),
         }
-        players.spawn(player::play(Arc::clone(&ctx), r));
-        while players.try_join_next().is_some() {}
-    }
-    tokio::select! {
-        () = tokio::time::sleep_until(end.into()) => {}
-        Ok(_) = stop.wait_for(|e| *e) => {}
-    }
-    let _ = ctx.end_tx.send(true);
-
-    // Everything still held or queued is released now; the faults stop.
-    let drained = tokio::time::timeout(DRAIN_LIMIT, async {
-        while players.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            left = players.len(),
-            "players still busy {} s after the end; stopped",
-            DRAIN_LIMIT.as_secs()
-        );
-        ctx.tally().release_failures += players.len() as u64;
-        players.abort_all();
-    }
-    let mut fault_error = None;
-    if let Some(task) = faults {
-        match tokio::time::timeout(DRAIN_LIMIT, task).await {
-            Ok(Ok((dev, error))) => {
-                deployment.dev = Some(dev);
-                fault_error = error;
+    };
+    // The open loop, on a task of its own: each request at its due time, whatever the earlier
+    // ones (and the faults) are doing.
+    let duration_ms = plan.duration_ms;
+    let open_loop = tokio::spawn({
+        let ctx = Arc::clone(&ctx);
+        async move {
+            let mut players = JoinSet::new();
+            let mut stop = ctx.ending.clone();
+            for r in demand {
+                let due = ctx.clock.wall(r.at_ms);
+                tokio::select! {
+                    () = tokio::time::sleep_until(due.into()) => {}
+                    // A failed fault ends the run early.
+                    Ok(_) = stop.wait_for(|e| *e) => break,
+                }
+                players.spawn(player::play(Arc::clone(&ctx), r));
+                while players.try_join_next().is_some() {}
             }
-            Ok(Err(e)) => fault_error = Some(format!("the fault task failed: {e}")),
-            Err(_) => fault_error = Some("a fault did not finish within its limit".into()),
+            let early = tokio::select! {
+                () = tokio::time::sleep_until(end.into()) => false,
+                Ok(_) = stop.wait_for(|e| *e) => true,
+            };
+            // The last sample, at the end, is taken before anything is released.
+            let mut timeline = sampler.await.unwrap_or_default();
+            if !early && let Some(last) = fleet::sample_at(&ctx, duration_ms).await {
+                timeline.push(last);
+            }
+            let _ = ctx.end_tx.send(true);
+
+            // Everything still held or queued is released now.
+            let drained = tokio::time::timeout(DRAIN_LIMIT, async {
+                while players.join_next().await.is_some() {}
+            })
+            .await;
+            if drained.is_err() {
+                tracing::warn!(
+                    left = players.len(),
+                    "players still busy {} s after the end; stopped",
+                    DRAIN_LIMIT.as_secs()
+                );
+                ctx.tally().release_failures += players.len() as u64;
+                players.abort_all();
+            }
+            timeline
         }
-    }
-    let timeline = sampler.await.unwrap_or_default();
+    });
+    let open_loop = async {
+        let timeline = open_loop.await;
+        // Sent already, unless the open loop panicked: the faults must stop all the same.
+        let _ = ctx.end_tx.send(true);
+        // A panicked open loop loses the timeline, not the counts.
+        timeline.unwrap_or_default()
+    };
+    let (fault_error, timeline) = tokio::join!(faults, open_loop);
     let _ = ticker.await;
     let swept = if matches!(plan.target, Target::External { .. }) {
         fleet::sweep(&ctx.api, &ctx.run_id).await
@@ -439,6 +487,36 @@ async fn drive(
     })
 }
 
+/// How many event streams a run keeps open at once: what the open-file limit leaves after
+/// [`FILES_RESERVED`] and the pools' connections, each stream taking one file, two when the
+/// broker is in this process too; at least 16, at most [`MAX_STREAMS`], and
+/// [`DEFAULT_STREAMS`] when the limit is unknown.
+fn stream_limit(open_files: Option<u64>, connections: usize, in_process: bool) -> usize {
+    let Some(files) = open_files else {
+        return DEFAULT_STREAMS;
+    };
+    let per_stream = if in_process { 2 } else { 1 };
+    let pools = per_stream * (connections + POLL_CONNECTIONS) as u64;
+    let left = files.saturating_sub(FILES_RESERVED + pools) / per_stream;
+    usize::try_from(left)
+        .unwrap_or(usize::MAX)
+        .clamp(16, MAX_STREAMS)
+}
+
+/// This process's soft limit on open files (Linux's `/proc/self/limits`), when known.
+fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let soft = line
+        .trim_start_matches("Max open files")
+        .split_whitespace()
+        .next()?;
+    if soft == "unlimited" {
+        return Some(u64::MAX);
+    }
+    soft.parse().ok()
+}
+
 /// Moves `progress` through the simulated seconds until the run ends.
 async fn move_progress(ctx: Arc<Ctx>, progress: indicatif::ProgressBar, duration_s: u64) {
     let mut ending = ctx.ending.clone();
@@ -448,6 +526,25 @@ async fn move_progress(ctx: Arc<Ctx>, progress: indicatif::ProgressBar, duration
         tokio::select! {
             () = tokio::time::sleep(PROGRESS_EVERY) => {}
             Ok(_) = ending.wait_for(|e| *e) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_streams_fit_in_the_open_file_limit() {
+        assert_eq!(stream_limit(None, 64, true), DEFAULT_STREAMS);
+        // The usual soft limit of 1024 with the broker in this process.
+        assert_eq!(stream_limit(Some(1024), 64, true), 184);
+        assert_eq!(stream_limit(Some(1024), 64, false), 440);
+        assert_eq!(stream_limit(Some(100), 64, true), 16);
+        assert_eq!(stream_limit(Some(1 << 20), 64, true), MAX_STREAMS);
+        assert_eq!(stream_limit(Some(u64::MAX), 1024, true), MAX_STREAMS);
+        if std::path::Path::new("/proc/self/limits").exists() {
+            assert!(open_file_limit().is_some_and(|n| n > 0));
         }
     }
 }

@@ -4,30 +4,27 @@
 //! Everything here is plain data and pure functions; the run itself is in `super`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use framecast_broker::dev::DevOptions;
 use framecast_shared::config::BrokerConfig;
 use framecast_shared::config::inventory::{SimulatedGpuGroup, SimulatedGpus};
 use framecast_shared::ids::{GameId, GenreName};
 
 use super::{GameFor, LiveError, LiveOptions};
-use crate::scenario::{Fault, Scenario};
+use crate::scenario::{Arrivals, Fault, Scenario};
 
 /// The fastest time compression accepted: beyond it the broker's timers (whole seconds, a
 /// 200 ms driver tick) no longer resolve a simulated minute.
 pub(crate) const MAX_SPEED: f64 = 1000.0;
 /// The slowest.
 pub(crate) const MIN_SPEED: f64 = 0.01;
-/// Dev mode's games, one per default genre.
-pub(crate) const DEV_GAMES: [(&str, &str); 3] = [
-    ("fps", "arena-shooter"),
-    ("moba", "lane-battle"),
-    ("rpg", "open-world"),
-];
 /// How long the reservation TTL, the idle timeout and the longest session outlast the run's
 /// wall-clock length (sessions are released by the run; these timers must never fire).
 const KEEP_MARGIN_S: u64 = 600;
+/// The longest the broker's configuration allows those timers (its validation's bound).
+const MAX_KEEP_S: u64 = 7 * 24 * 3600;
 /// The broker's shortest heartbeat interval (its configuration's lower bound).
 const MIN_HEARTBEAT_MS: u32 = 100;
 
@@ -137,7 +134,11 @@ impl Plan {
                     api_key,
                 }
             }
-            None => own_fleet(scenario, opts)?,
+            None => {
+                let own = own_fleet(scenario, opts)?;
+                keeps_within_the_timers(scenario.duration_s, speed)?;
+                own
+            }
         };
         Ok(Self {
             target,
@@ -193,10 +194,12 @@ impl Clock {
 /// node-lost grace) are divided by the speed; those that would end sessions the run holds on
 /// purpose (reservation TTL: nobody connects over WHEP; idle timeout; longest session) are set
 /// past the run's end.
+///
+/// A run too long for the timers' bound is refused by [`Plan::new`]; the bound applied here is
+/// only the configuration's limit, never reached by a planned run.
 pub(crate) fn scale_timers(config: &mut BrokerConfig, speed: f64, run: Duration) {
-    let keep = u32::try_from(run.as_secs().saturating_add(KEEP_MARGIN_S))
-        .unwrap_or(u32::MAX)
-        .min(7 * 24 * 3600);
+    let keep = u32::try_from(run.as_secs().saturating_add(KEEP_MARGIN_S).min(MAX_KEEP_S))
+        .unwrap_or(u32::MAX);
     let t = &mut config.timers;
     t.reservation_ttl_s = keep;
     t.idle_timeout_s = keep;
@@ -222,6 +225,36 @@ fn scaled(v: u32, speed: f64, floor: u32) -> u32 {
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let x = x.clamp(0.0, f64::from(u32::MAX)) as u32;
     x.max(floor)
+}
+
+/// Refuses a run of `duration_s` simulated seconds at `speed` whose wall length, with the
+/// slack the held sessions' timers keep, is longer than those timers may be set to: they would
+/// fire in the middle of the run and end sessions it holds.
+fn keeps_within_the_timers(duration_s: u64, speed: f64) -> Result<(), LiveError> {
+    let wall_s = duration_s as f64 / speed;
+    let need_s = wall_s + KEEP_MARGIN_S as f64;
+    if need_s <= MAX_KEEP_S as f64 {
+        return Ok(());
+    }
+    // The slowest speed that fits, rounded up to a hundredth.
+    let fits = (duration_s as f64 / (MAX_KEEP_S - KEEP_MARGIN_S) as f64 * 100.0).ceil() / 100.0;
+    Err(LiveError::Option {
+        flag: "speed",
+        value: speed.to_string(),
+        rule: format!(
+            "the run would last {wall_s:.0} s on the wall clock (duration_s {duration_s} / speed \
+             {speed}), and the broker's reservation TTL, idle timeout and longest session, which \
+             must outlast it by {KEEP_MARGIN_S} s, may be at most {MAX_KEEP_S} s (7 days): use \
+             --speed {fits} or more, or a shorter scenario"
+        ),
+    })
+}
+
+/// Dev mode's games, with their genres, as `framecast_broker::dev` configures them.
+pub(crate) fn dev_games() -> Result<Vec<(GenreName, GameId)>, LiveError> {
+    let config = framecast_broker::dev::broker_config(&DevOptions::default(), Path::new("."))
+        .map_err(|e| LiveError::Deploy(format!("dev mode's configuration: {e:#}")))?;
+    Ok(config.games.into_iter().map(|g| (g.genre, g.id)).collect())
 }
 
 /// The in-process fleet a scenario asks for: identical nodes (dev mode gives every agent the
@@ -292,33 +325,60 @@ fn own_fleet(scenario: &Scenario, opts: &LiveOptions) -> Result<Target, LiveErro
     })
 }
 
-/// The game for each genre of the demand: `--games` over dev mode's.
+/// The game for each genre of the demand, and of its trace's rows: `--games` over dev mode's.
 fn game_map(
     scenario: &Scenario,
     given: &[GameFor],
 ) -> Result<BTreeMap<GenreName, GameId>, LiveError> {
+    let dev = dev_games()?;
     let mut map = BTreeMap::new();
-    for (genre, game) in DEV_GAMES {
-        if let (Ok(genre), Ok(game)) = (GenreName::new(genre), GameId::new(game)) {
-            map.insert(genre, game);
-        }
+    for (genre, game) in &dev {
+        // The first game of a genre stands for it.
+        map.entry(genre.clone()).or_insert_with(|| game.clone());
     }
     for g in given {
         map.insert(g.genre.clone(), g.game.clone());
     }
-    for (genre, weight) in &scenario.demand.genres {
-        let known = GenreName::new(genre.as_str())
+    let rule = |genre: &str| {
+        let dev = dev
+            .iter()
+            .map(|(genre, game)| format!("{game} ({genre})"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "live needs a game of genre {genre} on the broker: pass --games {genre}=<game> \
+             (dev mode has {dev})"
+        )
+    };
+    let known = |genre: &str| {
+        GenreName::new(genre)
             .ok()
-            .is_some_and(|g| map.contains_key(&g));
-        if *weight > 0.0 && !known {
+            .is_some_and(|g| map.contains_key(&g))
+    };
+    for (genre, weight) in &scenario.demand.genres {
+        if *weight > 0.0 && !known(genre) {
             return Err(invalid(
                 &format!("demand.genres.{genre}"),
                 &weight.to_string(),
-                &format!(
-                    "live needs a game of genre {genre} on the broker: pass --games {genre}=<game> \
-                     (dev mode has arena-shooter (fps), lane-battle (moba), open-world (rpg))"
-                ),
+                &rule(genre),
             ));
+        }
+    }
+    if let Arrivals::Trace { path, rows } = &scenario.demand.arrivals {
+        let end_ms = scenario.duration_s.saturating_mul(1000);
+        let requested = rows
+            .iter()
+            .enumerate()
+            .filter(|(_, row)| crate::demand::to_ms(row.t_s * 1000.0) <= end_ms);
+        for (i, row) in requested {
+            if let Some(genre) = row.genre.as_deref().filter(|g| !known(g)) {
+                // The header is line 1.
+                return Err(invalid(
+                    &format!("demand.arrivals ({path}, line {}).genre", i + 2),
+                    genre,
+                    &rule(genre),
+                ));
+            }
         }
     }
     Ok(map)
@@ -475,6 +535,29 @@ genres = {{ fps = 1, rpg = 1 }}
             let err = Plan::new(&s, &o).unwrap_err().to_string();
             assert!(err.contains(want), "{err:?} lacks {want:?}");
         }
+        // A trace's own genres, where requested within the run, need games too.
+        let row = |t_s: f64, genre: &str| -> crate::scenario::TraceRow {
+            serde_json::from_value(serde_json::json!({ "t_s": t_s, "genre": genre })).unwrap()
+        };
+        let mut traced = scenario(ONE, "");
+        traced.demand.arrivals = Arrivals::Trace {
+            path: "t.csv".into(),
+            rows: vec![row(1.0, "fps"), row(2.0, "racing")],
+        };
+        let err = Plan::new(&traced, &LiveOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("demand.arrivals (t.csv, line 3).genre = racing:")
+                && err.contains("--games racing=<game>")
+                && err.contains("open-world (rpg)"),
+            "{err}"
+        );
+        traced.demand.arrivals = Arrivals::Trace {
+            path: "t.csv".into(),
+            rows: vec![row(1.0, "fps"), row(601.0, "racing")],
+        };
+        Plan::new(&traced, &LiveOptions::default()).unwrap();
         // Mapped genres and an external broker without faults are fine.
         let mut s = scenario(ONE, "");
         s.demand.genres.insert("racing".into(), 1.0);
@@ -490,6 +573,47 @@ genres = {{ fps = 1, rpg = 1 }}
             plan.games[&GenreName::new("racing").unwrap()].as_str(),
             "kart"
         );
+    }
+
+    #[test]
+    fn a_run_longer_than_the_timers_may_be_is_refused_naming_the_speed() {
+        let mut month = scenario(ONE, "");
+        month.duration_s = 30 * 24 * 3600;
+        let err = Plan::new(&month, &LiveOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("--speed 1:") && err.contains("use --speed 4.29 or more"),
+            "{err}"
+        );
+        let fast = LiveOptions {
+            speed: 4.29,
+            ..LiveOptions::default()
+        };
+        let plan = Plan::new(&month, &fast).unwrap();
+        let mut c = BrokerConfig::default();
+        scale_timers(&mut c, plan.speed, plan.wall_length());
+        let mut errors = Vec::new();
+        framecast_shared::config::Validate::validate(&c, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(u64::from(c.timers.reservation_ttl_s) >= plan.wall_length().as_secs() + 600);
+        // An existing broker's timers are its own.
+        let external = LiveOptions {
+            broker: Some("http://127.0.0.1:9".into()),
+            api_key: Some("k".into()),
+            ..LiveOptions::default()
+        };
+        Plan::new(&month, &external).unwrap();
+    }
+
+    #[test]
+    fn the_default_games_are_dev_modes() {
+        let games = dev_games().unwrap();
+        assert!(games.len() >= 3, "{games:?}");
+        let plan = Plan::new(&scenario(ONE, ""), &LiveOptions::default()).unwrap();
+        for (genre, game) in &games {
+            assert!(plan.games.contains_key(genre), "{genre} ({game})");
+        }
     }
 
     #[test]

@@ -10,16 +10,19 @@ use hyper::{Method, StatusCode};
 use tokio::sync::watch;
 
 use super::Ctx;
-use super::client::{CALL_TIMEOUT, View, rejection_reason};
 use super::plan::wall_of;
+use super::sse::SseParser;
 use crate::demand::Request;
+use crate::http_client::{Api, BodyStream, CALL_TIMEOUT, CallError, SessionView, rejection_reason};
 
 /// How long a call is retried while the broker cannot be reached (a restart).
 pub(crate) const RETRY_LIMIT: Duration = Duration::from_secs(30);
-/// The slowest poll of a queued request that has no event stream of its own.
-const POLL_MAX: Duration = Duration::from_secs(1);
-/// The fastest.
-const POLL_MIN: Duration = Duration::from_millis(50);
+/// The shortest wall-clock wait between two looks at a session that has no event stream of
+/// its own (a queued request beyond the streams, a session on a lost node): the tool's own
+/// polling must not crowd out the calls it measures.
+const POLL_FLOOR: Duration = Duration::from_millis(250);
+/// The longest: each look that finds nothing new doubles the wait up to this.
+const POLL_CEILING: Duration = Duration::from_secs(2);
 
 /// Plays request `r`; every outcome goes to the run's tally.
 pub(crate) async fn play(ctx: std::sync::Arc<Ctx>, r: Request) {
@@ -28,7 +31,7 @@ pub(crate) async fn play(ctx: std::sync::Arc<Ctx>, r: Request) {
     let down_at_due = !ctx.broker_is_up();
     ctx.tally().requests += 1;
     let Some(game) = ctx.games.get(&r.genre) else {
-        // The plan maps every genre of the demand; a trace may name others.
+        // The plan maps every genre of the demand and of a trace; this is a safety net.
         ctx.tally().rejected("unknown-game".into());
         return;
     };
@@ -61,6 +64,7 @@ pub(crate) async fn play(ctx: std::sync::Arc<Ctx>, r: Request) {
             return;
         }
     };
+    let restart = retried_for_restart(retries, down_at_due, ctx.restarts() != epoch);
     {
         let mut t = ctx.tally();
         t.answered(
@@ -69,17 +73,18 @@ pub(crate) async fn play(ctx: std::sync::Arc<Ctx>, r: Request) {
         );
         if retries > 0 {
             t.retried += 1;
-            if down_at_due || ctx.restarts() != epoch {
-                t.retried_after_restart += 1;
-            }
+        }
+        if restart {
+            t.retried_after_restart += 1;
         }
     }
     let view = match reply.status {
         StatusCode::CREATED | StatusCode::ACCEPTED => {
-            match serde_json::from_slice::<View>(&reply.body) {
+            match serde_json::from_slice::<SessionView>(&reply.body) {
                 Ok(v) => v,
-                Err(_) => {
-                    ctx.tally().failed("bad-answer");
+                Err(e) => {
+                    ctx.tally()
+                        .failed(CallError::BadAnswer(e.to_string()).kind());
                     return;
                 }
             }
@@ -91,12 +96,14 @@ pub(crate) async fn play(ctx: std::sync::Arc<Ctx>, r: Request) {
     };
     let tier = r.tier.as_str();
     if reply.status == StatusCode::CREATED {
-        let wait = if retries == 0 {
-            0
+        // A request that waited out a broker restart waited for its GPU as a player would;
+        // one retried over a dropped connection was placed at once.
+        let (wait, at_once) = if restart {
+            (ctx.clock.sim_of(now.saturating_duration_since(due)), false)
         } else {
-            ctx.clock.sim_of(now.saturating_duration_since(due))
+            (0, true)
         };
-        ctx.tally().placed(tier, wait, retries == 0);
+        ctx.tally().placed(tier, wait, at_once);
         hold(
             &ctx,
             &view,
@@ -110,7 +117,8 @@ pub(crate) async fn play(ctx: std::sync::Arc<Ctx>, r: Request) {
     let gives_up = r
         .gives_up_after_ms
         .map(|ms| ctx.clock.wall(r.at_ms.saturating_add(ms)));
-    match follow(&ctx, &view.session_id, gives_up).await {
+    let id = view.session_id.to_string();
+    match follow(&ctx, &id, gives_up).await {
         Followed::Placed(at, placed) => {
             let wait = ctx.clock.sim_of(at.saturating_duration_since(due));
             ctx.tally().placed(tier, wait, false);
@@ -123,15 +131,44 @@ pub(crate) async fn play(ctx: std::sync::Arc<Ctx>, r: Request) {
             .await;
         }
         Followed::Ended(reason) => ctx.tally().ended(reason),
-        Followed::GaveUp => release(&ctx, &view.session_id, Release::GiveUp).await,
-        Followed::RunEnded => release(&ctx, &view.session_id, Release::AtEnd).await,
+        Followed::GaveUp => release(&ctx, &id, Release::GiveUp).await,
+        Followed::RunEnded => release(&ctx, &id, Release::AtEnd).await,
+    }
+}
+
+/// Whether a request answered after `retries` retries was held up by the broker being away:
+/// it was down at the request's due time, or a restart began while the request was tried.
+/// Only such a request waited as a player would; a retry over a dropped connection did not.
+fn retried_for_restart(retries: u32, down_at_due: bool, restarted_since: bool) -> bool {
+    retries > 0 && (down_at_due || restarted_since)
+}
+
+/// The waits between looks at a session that has no event stream: a simulated second, but
+/// at least [`POLL_FLOOR`] of wall time, doubling after each look up to [`POLL_CEILING`].
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    next: Duration,
+}
+
+impl Pace {
+    fn new(speed: f64) -> Self {
+        Self {
+            next: wall_of(1000, speed).clamp(POLL_FLOOR, POLL_CEILING),
+        }
+    }
+
+    /// The wait before the next look.
+    fn next(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (d * 2).min(POLL_CEILING);
+        d
     }
 }
 
 /// How following a queued request ended.
 enum Followed {
     /// It got a GPU at this time; the session as it was then.
-    Placed(Instant, View),
+    Placed(Instant, SessionView),
     /// The broker ended it (the queue timeout) for this reason.
     Ended(String),
     /// The player's patience ran out first.
@@ -153,14 +190,13 @@ enum Release {
 
 /// Follows queued session `id` until it is placed or ended, the player gives up at
 /// `gives_up`, or the run ends: over its event stream (one connection each, up to a limit),
-/// else by polling.
+/// else by polling on the run's own small pool of connections, at the [`Pace`].
 async fn follow(ctx: &Ctx, id: &str, gives_up: Option<Instant>) -> Followed {
     let mut ending = ctx.ending.clone();
     let mut up = ctx.broker_up.clone();
     let path = format!("/v1/sessions/{id}/events");
-    let poll = wall_of(1000, ctx.clock.speed).clamp(POLL_MIN, POLL_MAX);
     let limit = gives_up.unwrap_or(ctx.end + RETRY_LIMIT);
-    let mut backoff = POLL_MIN;
+    let mut pace = Pace::new(ctx.clock.speed);
     loop {
         if *ending.borrow() {
             return Followed::RunEnded;
@@ -179,9 +215,9 @@ async fn follow(ctx: &Ctx, id: &str, gives_up: Option<Instant>) -> Followed {
         let seen = match ctx.streams.try_acquire() {
             Ok(_permit) => {
                 let watched = async {
-                    let mut stream = ctx.api.events(&path).await.ok()?;
+                    let mut events = Events::open(&ctx.api, &path).await.ok()?;
                     loop {
-                        match stream.next_view().await {
+                        match events.next_view().await {
                             Ok(Some(v)) if v.state == "queued" => {}
                             Ok(Some(v)) => return Some(v),
                             Ok(None) | Err(_) => return None,
@@ -195,27 +231,7 @@ async fn follow(ctx: &Ctx, id: &str, gives_up: Option<Instant>) -> Followed {
                     () = tokio::time::sleep_until(limit.into()) => return Followed::GaveUp,
                 }
             }
-            Err(_) => {
-                let looked = async {
-                    let reply = ctx
-                        .api
-                        .call(Method::GET, &format!("/v1/sessions/{id}"), None, None)
-                        .await
-                        .ok()?;
-                    let v = serde_json::from_slice::<View>(&reply.body).ok()?;
-                    (v.state != "queued").then_some(v)
-                };
-                match looked.await {
-                    Some(v) => Some(v),
-                    None => {
-                        tokio::select! {
-                            () = tokio::time::sleep(poll) => {}
-                            Ok(_) = ending.wait_for(|e| *e) => return Followed::RunEnded,
-                        }
-                        continue;
-                    }
-                }
-            }
+            Err(_) => look(&ctx.polls, id).await.filter(|v| v.state != "queued"),
         };
         match seen {
             Some(v) if v.state == "ended" => {
@@ -223,25 +239,40 @@ async fn follow(ctx: &Ctx, id: &str, gives_up: Option<Instant>) -> Followed {
             }
             Some(v) => return Followed::Placed(Instant::now(), v),
             None => {
-                // The stream broke or could not be opened: look again after a pause.
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(POLL_MAX);
+                // Still queued, or the stream broke or could not be opened: look again later.
+                tokio::select! {
+                    () = tokio::time::sleep(pace.next()) => {}
+                    Ok(_) = ending.wait_for(|e| *e) => return Followed::RunEnded,
+                    () = tokio::time::sleep_until(limit.into()) => return Followed::GaveUp,
+                }
             }
         }
     }
 }
 
+/// `GET /v1/sessions/{id}` on `api`, once; `None` when there is no usable answer.
+async fn look(api: &Api, id: &str) -> Option<SessionView> {
+    let reply = api
+        .call(Method::GET, &format!("/v1/sessions/{id}"), None, None)
+        .await
+        .ok()?;
+    if reply.status != StatusCode::OK {
+        return None;
+    }
+    serde_json::from_slice::<SessionView>(&reply.body).ok()
+}
+
 /// Holds placed session `session` of `tier` until `until` (its length played) or the run's
 /// end, then releases it. If its node is lost meanwhile, it is watched until the broker ends
 /// it (counted with the broker's reason, as `sim` counts it when it happens).
-async fn hold(ctx: &Ctx, session: &View, tier: &str, until: Instant) {
-    let id = session.session_id.as_str();
+async fn hold(ctx: &Ctx, session: &SessionView, tier: &str, until: Instant) {
+    let id = session.session_id.to_string();
     let mut ending: watch::Receiver<bool> = ctx.ending.clone();
     let mut lost = ctx.lost_nodes.subscribe();
     let on_lost_node = |lost: &[String]| session.node_id.as_ref().is_some_and(|n| lost.contains(n));
     let why = loop {
         if on_lost_node(&lost.borrow_and_update()) {
-            match watch_lost(ctx, id, until).await {
+            match watch_lost(ctx, &id, until).await {
                 Some(reason) => {
                     ctx.tally().ended(reason);
                     ctx.tally().unheld(tier);
@@ -264,25 +295,23 @@ async fn hold(ctx: &Ctx, session: &View, tier: &str, until: Instant) {
     } else {
         why
     };
-    release(ctx, id, why).await;
+    release(ctx, &id, why).await;
     ctx.tally().unheld(tier);
 }
 
 /// Polls session `id`, whose node was lost, until the broker ends it (its reason), or until
-/// `until` or the run's end (`None`).
+/// `until` or the run's end (`None`), at the [`Pace`] on the polling pool.
 async fn watch_lost(ctx: &Ctx, id: &str, until: Instant) -> Option<String> {
     let mut ending = ctx.ending.clone();
-    let path = format!("/v1/sessions/{id}");
-    let poll = wall_of(1000, ctx.clock.speed).clamp(POLL_MIN, POLL_MAX);
+    let mut pace = Pace::new(ctx.clock.speed);
     loop {
-        if let Ok(reply) = ctx.api.call(Method::GET, &path, None, None).await
-            && let Ok(v) = serde_json::from_slice::<View>(&reply.body)
+        if let Some(v) = look(&ctx.polls, id).await
             && v.state == "ended"
         {
             return Some(v.end_reason.unwrap_or_else(|| "unknown".into()));
         }
         tokio::select! {
-            () = tokio::time::sleep(poll) => {}
+            () = tokio::time::sleep(pace.next()) => {}
             () = tokio::time::sleep_until(until.into()) => return None,
             Ok(_) = ending.wait_for(|e| *e) => return None,
         }
@@ -310,7 +339,7 @@ async fn release(ctx: &Ctx, id: &str, why: Release) {
         Ok((reply, _)) if reply.status == StatusCode::NOT_FOUND => {
             // Ended by the broker before (node lost, queue timeout): say why.
             let looked = ctx
-                .api
+                .polls
                 .call_retrying(
                     Method::GET,
                     &path,
@@ -320,7 +349,8 @@ async fn release(ctx: &Ctx, id: &str, why: Release) {
                 )
                 .await
                 .ok()
-                .and_then(|(r, _)| serde_json::from_slice::<View>(&r.body).ok());
+                .filter(|(r, _)| r.status == StatusCode::OK)
+                .and_then(|(r, _)| serde_json::from_slice::<SessionView>(&r.body).ok());
             match looked {
                 Some(v) if v.state == "ended" => {
                     ctx.tally()
@@ -340,5 +370,66 @@ async fn release(ctx: &Ctx, id: &str, why: Release) {
             tracing::warn!(session_id = %id, error = %e, "the session could not be released");
             ctx.tally().release_failures += 1;
         }
+    }
+}
+
+/// A session's event stream (`GET /v1/sessions/{id}/events`), on a connection of its own.
+struct Events {
+    body: BodyStream,
+    parser: SseParser,
+}
+
+impl Events {
+    async fn open(api: &Api, path: &str) -> Result<Self, CallError> {
+        Ok(Self {
+            body: api.stream(path, "text/event-stream").await?,
+            parser: SseParser::default(),
+        })
+    }
+
+    /// The next session view the stream carries; `Ok(None)` when the stream ended.
+    async fn next_view(&mut self) -> Result<Option<SessionView>, CallError> {
+        loop {
+            while let Some(event) = self.parser.next_event() {
+                if let Ok(view) = serde_json::from_str::<SessionView>(&event.data) {
+                    return Ok(Some(view));
+                }
+            }
+            match self.body.next_chunk().await? {
+                None => return Ok(None),
+                Some(data) => self
+                    .parser
+                    .feed(&data)
+                    .map_err(|e| CallError::BadAnswer(e.to_string()))?,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_retry_over_a_restart_makes_a_placement_wait() {
+        assert!(!retried_for_restart(0, false, false));
+        // Answered at the first try while a restart began: it did not wait.
+        assert!(!retried_for_restart(0, true, true));
+        // Retried over a dropped connection: placed at once.
+        assert!(!retried_for_restart(3, false, false));
+        assert!(retried_for_restart(1, true, false));
+        assert!(retried_for_restart(1, false, true));
+    }
+
+    #[test]
+    fn polls_are_at_least_a_quarter_second_apart_and_back_off_to_two() {
+        let waits = |speed: f64| {
+            let mut p = Pace::new(speed);
+            (0..6).map(|_| p.next().as_millis()).collect::<Vec<_>>()
+        };
+        assert_eq!(waits(60.0), [250, 500, 1000, 2000, 2000, 2000]);
+        assert_eq!(waits(2.0), [500, 1000, 2000, 2000, 2000, 2000]);
+        // A simulated second longer than the ceiling: the ceiling.
+        assert_eq!(waits(0.1), [2000; 6]);
     }
 }

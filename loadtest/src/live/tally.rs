@@ -11,6 +11,7 @@ use serde::Deserialize;
 use framecast_shared::gpu::models;
 use framecast_shared::tier::TierPreset;
 
+use crate::http_client::{NodeBody, histogram, no_answer, record_micros};
 use crate::report::{self, Percentiles, Report, Sample, SloCheck};
 use crate::scenario::Scenario;
 
@@ -25,13 +26,17 @@ pub(crate) struct Tally {
     pub placed_at_once: u64,
     /// Had to queue (202).
     pub queued: u64,
-    /// Refused, per reason.
+    /// Placed, per tier.
+    pub placed_per_tier: BTreeMap<String, u64>,
+    /// Refused, per reason; requests that got no usable answer are here too, as
+    /// `no-answer-<kind>`.
     pub rejected: BTreeMap<String, u64>,
     /// Queued players who gave up.
     pub abandoned: u64,
     /// Sessions that ended, per reason.
     pub ended: BTreeMap<String, u64>,
-    /// Requests that got no answer at all, per kind of failure.
+    /// Requests that got no usable answer, per kind of failure (`connect`, `http`, `timeout`,
+    /// `bad-answer`).
     pub failed: BTreeMap<String, u64>,
     /// Requests answered only after a retry.
     pub retried: u64,
@@ -64,6 +69,7 @@ impl Tally {
             placed: 0,
             placed_at_once: 0,
             queued: 0,
+            placed_per_tier: BTreeMap::new(),
             rejected: BTreeMap::new(),
             abandoned: 0,
             ended: BTreeMap::new(),
@@ -87,17 +93,14 @@ impl Tally {
 
     /// A request was answered `latency` after its due time, `since_start` into the run.
     pub(crate) fn answered(&mut self, latency: Duration, since_start: Duration) {
-        self.latency.saturating_record(
-            u64::try_from(latency.as_micros())
-                .unwrap_or(u64::MAX)
-                .max(1),
-        );
+        record_micros(&mut self.latency, latency);
         self.last_answer = self.last_answer.max(since_start);
     }
 
     /// A request of `tier` got a GPU after waiting `wait_ms` simulated ms (0: at once).
     pub(crate) fn placed(&mut self, tier: &str, wait_ms: u64, at_once: bool) {
         self.placed += 1;
+        *self.placed_per_tier.entry(tier.to_owned()).or_default() += 1;
         if at_once {
             self.placed_at_once += 1;
         }
@@ -121,9 +124,12 @@ impl Tally {
         *self.ended.entry(reason).or_default() += 1;
     }
 
-    /// A request got no answer.
+    /// A request got no usable answer (after its retries): counted by `kind`, and as a
+    /// rejection `no-answer-<kind>`, so that a broker that does not answer fails the rejection
+    /// SLO instead of vanishing from the counts.
     pub(crate) fn failed(&mut self, kind: &str) {
         *self.failed.entry(kind.to_owned()).or_default() += 1;
+        self.rejected(no_answer(kind));
     }
 
     /// The fleet at `t_s` from the broker's node and pool lists (either may be missing: the
@@ -151,12 +157,14 @@ impl Tally {
                 (0u64, 0u64, 0.0, 0.0, 0u64);
             let mut sessions = 0u64;
             let mut in_use = 0u64;
+            let mut most = 0u64;
             for g in gpus {
                 fb += g.framebuffer_mb;
                 fb_used += g.framebuffer_used_mb;
                 enc_used += g.encoder_used;
                 enc += models::find(&g.model).map_or(0.0, |m| m.encoder_capacity.as_f64());
-                sessions += u64::from(g.sessions);
+                sessions += g.sessions;
+                most = most.max(g.sessions);
                 if g.sessions > 0 {
                     in_use += 1;
                     fb_in_use += g.framebuffer_mb;
@@ -164,6 +172,7 @@ impl Tally {
             }
             s.sessions = sessions;
             s.gpus_in_use = in_use;
+            s.max_sessions_per_gpu = most;
             s.framebuffer = ratio(fb_used as f64, fb as f64);
             s.encoder = ratio(enc_used, enc);
             s.real_use = ratio(self.needed_fb_mb as f64, fb_in_use as f64).min(1.0);
@@ -209,6 +218,7 @@ impl Tally {
             requests: self.requests,
             placed: self.placed,
             placed_at_once: self.placed_at_once,
+            placed_per_tier: self.placed_per_tier.clone(),
             queued: self.queued,
             rejected: self.rejected.clone(),
             abandoned: self.abandoned,
@@ -236,40 +246,6 @@ impl Tally {
     }
 }
 
-/// A node of `GET /v1/nodes`: the fields a sample reads.
-#[derive(Debug, Clone, Deserialize)]
-pub(crate) struct NodeBody {
-    /// `ready`, `cordoned`, `draining` or `down`.
-    #[serde(default)]
-    pub state: String,
-    /// Whether its agent is connected now.
-    #[serde(default)]
-    pub connected: bool,
-    /// Its GPUs.
-    #[serde(default)]
-    pub gpus: Vec<GpuBody>,
-}
-
-/// A GPU of a [`NodeBody`].
-#[derive(Debug, Clone, Deserialize)]
-pub(crate) struct GpuBody {
-    /// Its model.
-    #[serde(default)]
-    pub model: String,
-    /// Slots holding sessions.
-    #[serde(default)]
-    pub sessions: u16,
-    /// Framebuffer, MB.
-    #[serde(default)]
-    pub framebuffer_mb: u64,
-    /// Framebuffer occupied, MB.
-    #[serde(default)]
-    pub framebuffer_used_mb: u64,
-    /// Encoder units leased.
-    #[serde(default)]
-    pub encoder_used: f64,
-}
-
 /// A pool of `GET /v1/pools`.
 #[derive(Debug, Clone, Deserialize)]
 pub(crate) struct PoolBody {
@@ -282,12 +258,6 @@ pub(crate) struct PoolBody {
     /// Requests waiting.
     #[serde(default)]
     pub queued: u64,
-}
-
-fn histogram() -> Histogram<u64> {
-    // 1 to 2^40 (µs: 12 days; ms: 34 years), 3 significant digits; values beyond saturate.
-    // Constant bounds that hdrhistogram accepts (low ≥ 1, high ≥ 2 × low, sigfig ≤ 5).
-    Histogram::new_with_bounds(1, 1 << 40, 3).unwrap_or_else(|_| unreachable!("valid bounds"))
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -326,8 +296,13 @@ mod tests {
             serde_json::from_str(r#"[{"reserved":2,"active":0,"queued":1},{"queued":0}]"#).unwrap();
         let sample = t.sample(60, Some(&nodes), Some(&pools));
         assert_eq!(
-            (sample.sessions, sample.queued, sample.gpus_in_use),
-            (2, 1, 1)
+            (
+                sample.sessions,
+                sample.queued,
+                sample.gpus_in_use,
+                sample.max_sessions_per_gpu
+            ),
+            (2, 1, 1, 2)
         );
         assert!((sample.framebuffer - 0.125).abs() < 1e-9, "{sample:?}");
         assert!(sample.encoder > 0.0 && sample.real_use > 0.0);
@@ -343,6 +318,10 @@ mod tests {
             (4, 2, 1, 1)
         );
         assert_eq!(r.rejected["no-capacity"], 1);
+        assert_eq!(
+            r.placed_per_tier,
+            BTreeMap::from([("4k".to_owned(), 1), ("720p".to_owned(), 1)])
+        );
         assert_eq!(r.queue_wait_s.count, 2);
         assert!((r.queue_wait_s.max - 30.0).abs() < 0.1);
         let lat = r.allocation_latency_ms.unwrap();
@@ -352,5 +331,26 @@ mod tests {
         assert_eq!(r.peak, sample);
         // smoke.toml allows no rejection.
         assert!(!r.ok);
+    }
+
+    #[test]
+    fn requests_without_an_answer_count_as_rejected_and_fail_the_slo() {
+        let mut t = Tally::new();
+        t.requests = 3;
+        t.failed("timeout");
+        t.failed("timeout");
+        t.failed("bad-answer");
+        let r = t.report(&smoke(), (4, 8), Vec::new(), Duration::from_secs(1));
+        assert_eq!(r.placed, 0);
+        assert_eq!(
+            r.rejected,
+            BTreeMap::from([
+                ("no-answer-bad-answer".to_owned(), 1),
+                ("no-answer-timeout".to_owned(), 2)
+            ])
+        );
+        assert_eq!(r.rejected.values().sum::<u64>(), r.requests);
+        assert_eq!(t.failed["timeout"], 2);
+        assert!(!r.ok, "{:?}", r.slo);
     }
 }

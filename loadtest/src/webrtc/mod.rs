@@ -13,8 +13,12 @@
 //! frame, an RTP marker), frames per second over the play window and freezes (gaps between
 //! frames longer than [`frames::FREEZE_INTERVALS`] frame intervals and
 //! [`frames::FREEZE_MIN_GAP`]). A step passes when every stream connected, every stream held
-//! at least `--fps-floor` × the target frame rate and no stream froze. The node holds the
-//! largest passing step before the first failing one; stepping stops at that failure.
+//! at least `--fps-floor` × the target frame rate and no stream froze, and fails too when the
+//! broker still shows its sessions after their release. The node holds the largest passing
+//! step before the first failing one; stepping stops at that failure.
+//!
+//! The broker is called through [`crate::http_client`], as `live` calls it: the same
+//! rejection names, `no-answer-<kind>` for a request with no usable answer.
 //!
 //! The players run on the same machine as the agents' encoders, so the figure is what this
 //! machine holds with both; the target frame rate is the tier's capped by the agents'
@@ -31,7 +35,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
 
 use framecast_broker::dev::{DevOptions, Tune, start_dev};
@@ -41,6 +44,7 @@ use framecast_shared::config::broker::TierConfig;
 use framecast_shared::ids::TierName;
 use framecast_shared::tier::{Codec, TierPreset};
 
+use crate::http_client::{self, FleetError, histogram, record_micros};
 use crate::report::{self, Percentiles, Report};
 
 pub use streams::{StepResult, StreamsReport};
@@ -61,8 +65,12 @@ pub const GPUS_TOML: &str = "[[gpus]]\nmodel = \"l4\"\ncount = 2\n";
 const AGENTS_LIMIT: Duration = Duration::from_secs(30);
 /// The broker must show every session of a step gone within this after their release.
 const RELEASE_LIMIT: Duration = Duration::from_secs(15);
-/// How often the broker's fleet is polled while waiting.
+/// How often the broker's fleet is polled while waiting for the release.
 const POLL: Duration = Duration::from_millis(50);
+/// The longest dev mode takes to stop.
+const STOP_LIMIT: Duration = Duration::from_secs(60);
+/// Why a step whose sessions the broker still shows after their release fails.
+const NOT_RELEASED: &str = "sessions not released";
 
 /// The `webrtc` engine's settings (the `webrtc` subcommand's flags).
 #[derive(Debug, Clone, PartialEq, clap::Args)]
@@ -122,9 +130,6 @@ pub enum WebrtcError {
     /// The async runtime could not be built.
     #[error("building the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
-    /// A histogram could not be made.
-    #[error("creating a histogram: {0}")]
-    Histogram(#[source] hdrhistogram::CreationError),
     /// Dev mode did not start.
     #[error("starting dev mode: {0}")]
     Dev(String),
@@ -138,18 +143,6 @@ pub enum WebrtcError {
         connected: u64,
         /// Nodes started.
         want: u64,
-    },
-    /// Sessions of a step were still held after their release: the next step would not
-    /// start from an empty node.
-    #[error(
-        "step {step}: the broker still shows {sessions} sessions {} s after their release",
-        RELEASE_LIMIT.as_secs()
-    )]
-    NotReleased {
-        /// The step (its number of streams).
-        step: u32,
-        /// Sessions the broker still showed.
-        sessions: u64,
     },
 }
 
@@ -169,7 +162,9 @@ pub fn run(opts: &WebrtcOptions, progress: &ProgressBar) -> Result<Report, Webrt
             .await
             .map_err(|e| WebrtcError::Dev(format!("{e:#}")))?;
         let result = run_plan(&plan, dev.broker().http, &dev.api_key, progress).await;
-        dev.stop().await;
+        if tokio::time::timeout(STOP_LIMIT, dev.stop()).await.is_err() {
+            tracing::warn!("dev mode did not stop within {} s", STOP_LIMIT.as_secs());
+        }
         result
     });
     // Peer connections that did not close in time must not hold the caller up.
@@ -362,8 +357,17 @@ async fn run_plan(
 ) -> Result<Report, WebrtcError> {
     let started = Instant::now();
     let load_average = load_average();
-    let broker = Broker::new(http, api_key);
-    let fleet = wait_for_agents(&broker, u64::from(plan.opts.nodes)).await?;
+    // Every player of the largest step allocates at once, and the release is watched beside.
+    let broker = Broker::new(http, api_key, plan.opts.max_streams as usize + 1)
+        .map_err(|e| WebrtcError::Broker(e.to_string()))?;
+    let want = u64::from(plan.opts.nodes);
+    let fleet = match http_client::wait_for_agents(broker.api(), want, AGENTS_LIMIT).await {
+        Ok(nodes) => http_client::Fleet::of(&nodes),
+        Err(FleetError::Absent { connected, .. }) => {
+            return Err(WebrtcError::AgentsAbsent { connected, want });
+        }
+        Err(e) => return Err(WebrtcError::Broker(e.to_string())),
+    };
     progress.set_length(u64::from(plan.opts.max_streams) * plan.units_per_step());
     progress.set_position(0);
 
@@ -377,10 +381,8 @@ async fn run_plan(
         units: plan.units_per_step(),
     };
     let mut steps = Vec::new();
-    // Microseconds, up to an hour (saturating: a histogram that auto-resizes does not when
-    // its values are clamped).
-    let mut alloc =
-        Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).map_err(WebrtcError::Histogram)?;
+    // Microseconds.
+    let mut alloc = histogram();
     let mut requests = 0u64;
     let mut placed = 0u64;
     let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
@@ -388,7 +390,7 @@ async fn run_plan(
     for n in 1..=plan.opts.max_streams {
         progress.set_message(format!("{n} streams"));
         let Step {
-            result,
+            mut result,
             allocation_latency,
             requests: asked,
             placed: got,
@@ -397,7 +399,7 @@ async fn run_plan(
             already_ended,
         } = step::run(&cx, n, progress).await;
         for d in allocation_latency {
-            alloc.saturating_record(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+            record_micros(&mut alloc, d);
         }
         requests += asked;
         placed += got;
@@ -408,10 +410,7 @@ async fn run_plan(
         if already_ended > 0 {
             *ended.entry("ended-before-release".into()).or_default() += already_ended;
         }
-        let sessions = wait_for_release(&broker).await?;
-        if sessions > 0 {
-            return Err(WebrtcError::NotReleased { step: n, sessions });
-        }
+        released_or_failed(&mut result, wait_for_release(&broker).await);
         progress.set_position(u64::from(n) * plan.units_per_step());
         let passed = result.passed;
         steps.push(result);
@@ -449,6 +448,11 @@ async fn run_plan(
         requests,
         placed,
         placed_at_once: placed,
+        placed_per_tier: if placed > 0 {
+            BTreeMap::from([(plan.tier.name.to_string(), placed)])
+        } else {
+            BTreeMap::new()
+        },
         rejected,
         ended,
         wall_seconds: started.elapsed().as_secs_f64(),
@@ -471,42 +475,37 @@ fn load_average() -> Option<f64> {
         .ok()
 }
 
-/// Polls the broker until `want` nodes are connected.
-async fn wait_for_agents(broker: &Broker, want: u64) -> Result<http::Fleet, WebrtcError> {
-    let deadline = Instant::now() + AGENTS_LIMIT;
-    loop {
-        let fleet = broker
-            .fleet()
-            .await
-            .map_err(|e| WebrtcError::Broker(e.to_string()))?;
-        if fleet.connected >= want {
-            return Ok(fleet);
-        }
-        if Instant::now() >= deadline {
-            return Err(WebrtcError::AgentsAbsent {
-                connected: fleet.connected,
-                want,
-            });
-        }
-        tokio::time::sleep(POLL).await;
-    }
-}
-
 /// Polls the broker until it shows no session, or [`RELEASE_LIMIT`]; the sessions it still
 /// shows.
-async fn wait_for_release(broker: &Broker) -> Result<u64, WebrtcError> {
+async fn wait_for_release(broker: &Broker) -> Result<u64, FleetError> {
     let deadline = Instant::now() + RELEASE_LIMIT;
     loop {
-        let sessions = broker
-            .fleet()
-            .await
-            .map_err(|e| WebrtcError::Broker(e.to_string()))?
-            .sessions;
+        let sessions = broker.fleet().await?.sessions;
         if sessions == 0 || Instant::now() >= deadline {
             return Ok(sessions);
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// Fails `step` when the broker still showed sessions after their release, or could not say:
+/// the next step would not start from an empty node, so stepping stops there, with the steps
+/// measured so far kept.
+fn released_or_failed(step: &mut StepResult, left: Result<u64, FleetError>) {
+    let why = match left {
+        Ok(0) => return,
+        Ok(sessions) => format!(
+            "the broker still shows {sessions} sessions {} s after their release",
+            RELEASE_LIMIT.as_secs()
+        ),
+        Err(e) => format!("the broker's sessions after their release: {e}"),
+    };
+    tracing::warn!(streams = step.streams, "{why}");
+    step.failed_because.push(NOT_RELEASED.into());
+    if step.errors.len() < streams::ERRORS_KEPT {
+        step.errors.push(why);
+    }
+    step.passed = false;
 }
 
 #[cfg(test)]
@@ -607,5 +606,37 @@ mod tests {
             ..d()
         });
         assert!(e.starts_with("--game") && e.contains("open-world"), "{e}");
+    }
+
+    #[test]
+    fn sessions_left_after_a_step_fail_it_and_keep_its_figures() {
+        let passing = || StepResult {
+            streams: 2,
+            connected: 2,
+            passed: true,
+            ..StepResult::default()
+        };
+        let mut step = passing();
+        released_or_failed(&mut step, Ok(0));
+        assert_eq!(step, passing());
+
+        let mut step = passing();
+        released_or_failed(&mut step, Ok(1));
+        assert!(!step.passed);
+        assert_eq!(step.failed_because, vec![NOT_RELEASED.to_owned()]);
+        assert_eq!(step.connected, 2);
+        assert!(step.errors[0].contains("1 sessions"), "{:?}", step.errors);
+
+        let mut step = passing();
+        released_or_failed(
+            &mut step,
+            Err(FleetError::Status {
+                status: hyper::StatusCode::BAD_GATEWAY,
+                detail: String::new(),
+            }),
+        );
+        assert!(!step.passed);
+        assert_eq!(step.failed_because, vec![NOT_RELEASED.to_owned()]);
+        assert_eq!(streams::holds(&[passing(), step]), (2, Some(2)));
     }
 }

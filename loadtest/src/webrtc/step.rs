@@ -44,7 +44,7 @@ pub(crate) struct Step {
     pub(crate) requests: u64,
     /// Sessions placed (201).
     pub(crate) placed: u64,
-    /// Requests refused, per reason.
+    /// Requests refused, per reason (`no-answer-<kind>` for those with no usable answer).
     pub(crate) rejected: BTreeMap<String, u64>,
     /// Sessions the broker ended on our `DELETE` (204).
     pub(crate) released: u64,
@@ -58,7 +58,7 @@ struct Opened {
     placed: bool,
     /// Request to answer, when the broker answered.
     allocation_latency: Option<Duration>,
-    /// Why the broker refused it.
+    /// Why the broker refused it, or why it got no usable answer.
     rejected: Option<String>,
     /// The peer, once made.
     player: Option<Player>,
@@ -166,6 +166,8 @@ async fn open(
     let player_id = format!("loadtest-webrtc-{n}-{i}");
     let placed = match cx.broker.allocate(&cx.game, &cx.tier, &player_id).await {
         Err(e) => {
+            // Counted, so that a broker that does not answer shows in the report.
+            o.rejected = Some(e.rejection());
             o.result = Err(e.to_string());
             return o;
         }

@@ -4,15 +4,15 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::http_client::{histogram, record_micros};
 use crate::report::Percentiles;
 
 use super::frames::{FreezeRule, StreamStats};
 
 /// At most this many distinct stream errors are kept per step.
-const ERRORS_KEPT: usize = 5;
+pub(crate) const ERRORS_KEPT: usize = 5;
 
 /// What the `webrtc` engine found: how many concurrent streams a node held, step by step.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -74,7 +74,8 @@ pub struct StepResult {
     /// The parts of the rule it broke, in words (empty when it passed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed_because: Vec<String>,
-    /// Why players failed to connect, the first few distinct reasons.
+    /// Why players failed to connect, the first few distinct reasons (and, when the broker
+    /// still showed the step's sessions after their release, how many).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
 }
@@ -132,17 +133,14 @@ impl PassRule {
             streams: u32::try_from(outcomes.len()).unwrap_or(u32::MAX),
             ..StepResult::default()
         };
-        // Bounds that cannot be wrong: 1 µs to an hour, 3 significant digits.
-        let mut ttff = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).ok();
+        let mut ttff = histogram();
         let mut fps = Vec::new();
         let mut frozen = Duration::ZERO;
         for o in outcomes {
             match o {
                 StreamOutcome::Played { ttff: t, stats } => {
                     step.connected += 1;
-                    if let Some(h) = ttff.as_mut() {
-                        h.saturating_record(u64::try_from(t.as_micros()).unwrap_or(u64::MAX));
-                    }
+                    record_micros(&mut ttff, *t);
                     fps.push(stats.fps);
                     step.freezes += stats.freezes;
                     frozen += stats.frozen;
@@ -154,8 +152,8 @@ impl PassRule {
                 }
             }
         }
-        if let Some(h) = ttff.as_ref().filter(|h| !h.is_empty()) {
-            step.ttff_ms = Percentiles::scaled(h, 1000.0);
+        if !ttff.is_empty() {
+            step.ttff_ms = Percentiles::scaled(&ttff, 1000.0);
         }
         if !fps.is_empty() {
             step.fps_mean = fps.iter().sum::<f64>() / fps.len() as f64;
