@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 use framecast_shared::protocol::handshake::negotiate;
-use framecast_shared::protocol::quic::{read_message, write_message};
+use framecast_shared::protocol::quic::{FrameIoError, read_message, write_message};
 use framecast_shared::protocol::{Goodbye, GoodbyeReason, Hello, Message, Release, Welcome};
 use framecast_shared::state::{EndReason, SessionState};
 use framecast_shared::time::Timestamp;
@@ -192,15 +192,21 @@ async fn connection(broker: Broker, conn: quinn::Connection) {
     });
     let generation = hello.generation;
     loop {
-        let message = match read(&mut recv, max_frame).await {
+        let message = match read_message(&mut recv, max_frame).await {
             Ok(Some(m)) => m,
             Ok(None) => break,
+            // The connection went away (the agent stopped, the network broke): its liveness
+            // timers take it from here.
+            Err(e @ FrameIoError::Stream(_)) => {
+                tracing::info!(node_id = %node, error = %e, "the link closed");
+                break;
+            }
             Err(e) => {
                 tracing::warn!(node_id = %node, error = %e, "closing the link after a bad frame");
                 let _ = tx
                     .send(Message::Goodbye(Goodbye {
                         reason: GoodbyeReason::ProtocolError,
-                        message: e,
+                        message: e.to_string(),
                     }))
                     .await;
                 break;
