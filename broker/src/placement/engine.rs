@@ -9,7 +9,7 @@ use rustc_hash::FxHashMap;
 use framecast_shared::config::BrokerConfig;
 use framecast_shared::genre::GenreProfile;
 use framecast_shared::gpu::GpuMode;
-use framecast_shared::ids::{GpuId, NodeId, SessionId, TierName};
+use framecast_shared::ids::{GameId, GpuId, NodeId, SessionId, TierName};
 use framecast_shared::protocol::{Heartbeat, Hello, RunningSession, WarmInstance};
 use framecast_shared::state::{EndReason, NodeState, SessionState};
 use framecast_shared::tier::TierPreset;
@@ -90,6 +90,14 @@ pub enum EngineError {
     /// No such node.
     #[error("unknown node {0}")]
     UnknownNode(NodeId),
+    /// The node has no such GPU.
+    #[error("node {node} has no GPU {gpu}")]
+    UnknownGpu {
+        /// The node.
+        node: NodeId,
+        /// The GPU it does not have.
+        gpu: GpuId,
+    },
     /// The node reported a GPU model that cannot be interned.
     #[error("too many GPU models, regions or games")]
     CatalogFull,
@@ -1011,6 +1019,21 @@ impl Engine {
             .map(|a| (a.gpu, a.slot, a.demand.tier, a.state, a.expires_at))
     }
 
+    /// Requests waiting: each one's first region the engine knows, tier and game.
+    pub(super) fn queued_requests(&self) -> Vec<(RegionIdx, TierIdx, &GameId)> {
+        self.queue
+            .iter()
+            .filter_map(|w| {
+                let region = w
+                    .request
+                    .regions
+                    .iter()
+                    .find_map(|r| self.fleet.catalog.region_idx(&r.region))?;
+                Some((region, w.tier, &w.request.game))
+            })
+            .collect()
+    }
+
     /// Requests waiting, per tier name.
     pub(super) fn queued_per_tier(&self) -> Vec<(TierName, u32)> {
         self.fleet
@@ -1030,6 +1053,25 @@ impl Engine {
     }
 
     // ---- observed state ---------------------------------------------------------------
+
+    /// Steers a GPU away from new work (`on`) or back (`!on`), for the pool planner: while
+    /// steered, the GPU takes no new session and its warm instances are not handed out, so it
+    /// empties as its sessions end and can then change profile. Sessions already on it run on
+    /// untouched; a session its agent reports is still adopted. Queued requests see capacity a
+    /// GPU steered back gives at the engine's next event (a heartbeat, a release, `expire`).
+    pub fn steer_away(&mut self, node: &NodeId, gpu: &GpuId, on: bool) -> Result<(), EngineError> {
+        let idx = self.node_index(node)?;
+        let g = self
+            .node_gpu(idx, gpu)
+            .ok_or_else(|| EngineError::UnknownGpu {
+                node: node.clone(),
+                gpu: gpu.clone(),
+            })?;
+        if self.fleet.gpu(g).is_some_and(|x| x.steered != on) {
+            self.fleet.set_steered(g, on);
+        }
+        Ok(())
+    }
 
     /// Marks a node whose heartbeats are late (`suspect`: no new sessions go to it) or on time
     /// again. Its lifecycle state and an operator's cordon are left as they are.
@@ -1072,6 +1114,11 @@ impl Engine {
             .is_some_and(|n| heartbeat.generation < n.generation)
         {
             return Ok(());
+        }
+        if let Some(plan) = heartbeat.plan_generation
+            && let Some(n) = self.fleet.nodes.get_mut(to_usize(idx))
+        {
+            n.plan_generation = plan;
         }
         if let Some(warm) = &heartbeat.warm {
             let reported: Vec<(&GpuId, Option<&str>)> = heartbeat
@@ -1149,6 +1196,7 @@ impl Engine {
                     gpus: Vec::new(),
                     cpu_total: hello.cpu_millicores,
                     cpu_used: 0,
+                    plan_generation: 0,
                 });
                 self.fleet.node_idx.insert(hello.node_id.clone(), idx);
                 idx
@@ -1442,7 +1490,8 @@ impl Engine {
                 GpuIdx::try_from(idx)
                     .is_ok_and(|g| self.fleet.free_sessions_of_tier(g, t) == Some(0))
             });
-            if free_mb > 0 && stranded {
+            // A steered GPU's free room is held back on purpose, not stranded.
+            if free_mb > 0 && stranded && !gpu.steered {
                 s.fb_stranded_mb += free_mb;
             }
         }
@@ -1634,5 +1683,282 @@ fn relaxed_cap(cap_ms: u32, waited: Duration, config: &EngineConfig) -> u32 {
         r
     } else {
         cap_ms
+    }
+}
+
+#[cfg(test)]
+mod steering_tests {
+    //! Steering a GPU away: it takes no new session and hands out no warm instance, and no
+    //! session on it is touched, whatever the sequence of events.
+
+    #![allow(
+        clippy::unwrap_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        reason = "tests: a failed unwrap is a failed test"
+    )]
+
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use proptest::prelude::{any, prop_assert, prop_assert_eq, prop_oneof, proptest};
+    use proptest::strategy::Strategy as _;
+
+    use framecast_shared::gpu::models;
+    use framecast_shared::ids::{GenreName, RegionName, TenantId};
+    use framecast_shared::protocol::GpuUsage;
+    use framecast_shared::units::{EncoderUnits, Megabytes};
+
+    use super::*;
+    use crate::placement::request::RegionRtt;
+    use crate::placement::simulated;
+    use crate::placement::strategy::{self, GenreWeighted};
+
+    const T0: Timestamp = Timestamp::from_millis(1_800_000_000_000);
+    const TIERS: [&str; 3] = ["720p", "1080p", "4k"];
+
+    fn engine(strategy: Box<dyn super::Strategy>) -> Engine {
+        let mut e = Engine::new(
+            TierPreset::defaults(),
+            GenreProfile::defaults(),
+            EngineConfig::default(),
+            strategy,
+        );
+        for (node, mode) in [
+            ("n0", GpuMode::EqualSize),
+            ("n1", GpuMode::EqualSize),
+            ("n2", GpuMode::MixedSize),
+        ] {
+            let hello = simulated::hello(node, "eu", &models::l4(), mode, 2, 1).unwrap();
+            e.reconcile(&hello, T0).unwrap();
+        }
+        e
+    }
+
+    fn request(seq: u128, tier: &str) -> PlaceRequest {
+        PlaceRequest {
+            session_id: SessionId::new(T0, seq),
+            tenant: TenantId::new("t").unwrap(),
+            game: GameId::new("arena").unwrap(),
+            tier: TierName::new(tier).unwrap(),
+            genre: GenreName::new("moba").unwrap(),
+            priority: Priority::Normal,
+            regions: vec![RegionRtt {
+                region: RegionName::new("eu").unwrap(),
+                rtt_ms: 10,
+            }],
+            fallbacks: Vec::new(),
+            queue: false,
+        }
+    }
+
+    /// Every GPU, as (node, gpu).
+    fn gpus(e: &Engine) -> Vec<(NodeId, GpuId)> {
+        e.pool_view()
+            .nodes
+            .iter()
+            .flat_map(|n| n.gpus.iter().map(|g| (n.node_id.clone(), g.gpu.clone())))
+            .collect()
+    }
+
+    /// Where every session is: session → (GPU, slot).
+    fn places(e: &Engine) -> BTreeMap<SessionId, (GpuId, u32)> {
+        e.sessions
+            .keys()
+            .filter_map(|s| e.session_place(s).map(|p| (*s, (p.gpu, p.slot))))
+            .collect()
+    }
+
+    #[test]
+    fn a_steered_gpu_takes_no_session_until_steered_back() {
+        let mut e = engine(Box::new(strategy::FirstFit));
+        let all = gpus(&e);
+        // Steer every GPU but the last away: sessions go only there.
+        for (n, g) in &all[..all.len() - 1] {
+            e.steer_away(n, g, true).unwrap();
+        }
+        let last = &all[all.len() - 1].1;
+        for seq in 0..3 {
+            match e.place(request(seq, "720p"), T0) {
+                Decision::Placed(p) => assert_eq!(&p.gpu, last),
+                other => panic!("{other:?}"),
+            }
+        }
+        let steered: Vec<bool> = e
+            .pool_view()
+            .nodes
+            .iter()
+            .flat_map(|n| n.gpus.iter().map(|g| g.steered))
+            .collect();
+        assert_eq!(steered.iter().filter(|s| **s).count(), all.len() - 1);
+        assert!(e.node_views()[0].gpus[0].steered);
+        // The explanation says why a steered GPU was passed over.
+        let explained = e.explain(&request(99, "720p"));
+        assert!(
+            explained
+                .attempts
+                .iter()
+                .flat_map(|a| a.candidates.iter())
+                .all(|c| &c.gpu == last || c.infeasible.is_some())
+        );
+        // Back: the first GPU takes sessions again.
+        let (n, g) = &all[0];
+        e.steer_away(n, g, false).unwrap();
+        let Decision::Placed(p) = e.place(request(10, "4k"), T0) else {
+            panic!("placed")
+        };
+        assert_eq!(&p.gpu, g);
+        assert!(matches!(
+            e.steer_away(n, &GpuId::new("nope").unwrap(), true),
+            Err(EngineError::UnknownGpu { .. })
+        ));
+        assert!(matches!(
+            e.steer_away(&NodeId::new("nope").unwrap(), g, true),
+            Err(EngineError::UnknownNode(_))
+        ));
+        e.audit().unwrap();
+    }
+
+    #[test]
+    fn a_steered_gpu_hands_out_no_warm_instance() {
+        let mut e = engine(Box::new(GenreWeighted::default()));
+        let node = NodeId::new("n0").unwrap();
+        let gpu = GpuId::new("n0-gpu0").unwrap();
+        let heartbeat = Heartbeat {
+            generation: 1,
+            seq: 1,
+            sent_at: T0,
+            gpus: vec![GpuUsage {
+                gpu: gpu.clone(),
+                free_framebuffer: Megabytes::ZERO,
+                free_encoder: EncoderUnits::ZERO,
+                encoder_utilization_pct: None,
+                gpu_utilization_pct: None,
+                vgpus: Some(12),
+                profile: Some("L4-2Q".into()),
+            }],
+            warm: Some(vec![WarmInstance {
+                gpu: gpu.clone(),
+                slot: 4,
+                game: GameId::new("arena").unwrap(),
+                tier: TierName::new("720p").unwrap(),
+            }]),
+            plan_generation: Some(7),
+            inputs: Vec::new(),
+        };
+        e.observe_heartbeat(&node, &heartbeat, T0).unwrap();
+        assert_eq!(e.fleet().nodes[0].plan_generation, 7);
+        e.steer_away(&node, &gpu, true).unwrap();
+        let Decision::Placed(p) = e.place(request(1, "720p"), T0) else {
+            panic!("placed")
+        };
+        assert!(!p.warm && p.gpu != gpu, "{p:?}");
+        // The warm instance is still known, and is handed out once the GPU is back.
+        assert_eq!(e.pool_view().nodes[0].gpus[0].warm.len(), 1);
+        e.steer_away(&node, &gpu, false).unwrap();
+        let Decision::Placed(p) = e.place(request(2, "720p"), T0) else {
+            panic!("placed")
+        };
+        assert!(p.warm && p.gpu == gpu, "{p:?}");
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Place(usize),
+        Release(usize),
+        Steer { gpu: usize, on: bool },
+        Report(usize),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0..3usize).prop_map(Op::Place),
+            3 => any::<usize>().prop_map(Op::Release),
+            3 => (0..6usize, any::<bool>()).prop_map(|(gpu, on)| Op::Steer { gpu, on }),
+            1 => (0..3usize).prop_map(Op::Report),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn steering_keeps_new_sessions_off_and_running_ones_untouched(
+            ops in proptest::collection::vec(op(), 1..80)
+        ) {
+            let mut weighted = engine(Box::new(GenreWeighted::default()));
+            let mut first_fit = engine(Box::new(strategy::FirstFit));
+            for e in [&mut weighted, &mut first_fit] {
+                let all = gpus(e);
+                let mut steered: BTreeSet<GpuId> = BTreeSet::new();
+                let mut seq = 0u128;
+                for op in &ops {
+                    match op {
+                        Op::Place(tier) => {
+                            seq += 1;
+                            if let Decision::Placed(p) = e.place(request(seq, TIERS[*tier]), T0) {
+                                prop_assert!(!steered.contains(&p.gpu), "placed on steered {}", p.gpu);
+                            }
+                        }
+                        Op::Release(i) => {
+                            let live: Vec<SessionId> = e.sessions.keys().copied().collect();
+                            if !live.is_empty() {
+                                let s = live[i % live.len()];
+                                e.release(&s, EndReason::Released, T0).unwrap();
+                            }
+                        }
+                        Op::Steer { gpu, on } => {
+                            let before = places(e);
+                            let (n, g) = &all[gpu % all.len()];
+                            e.steer_away(n, g, *on).unwrap();
+                            if *on {
+                                steered.insert(g.clone());
+                            } else {
+                                steered.remove(g);
+                            }
+                            prop_assert_eq!(places(e), before, "steering moved a session");
+                        }
+                        Op::Report(node) => {
+                            // The agent reports exactly what the engine has: nothing changes,
+                            // steered or not.
+                            let before = places(e);
+                            let id = NodeId::new(format!("n{node}")).unwrap();
+                            let mut hello = simulated::hello(
+                                id.as_str(),
+                                "eu",
+                                &models::l4(),
+                                if *node == 2 { GpuMode::MixedSize } else { GpuMode::EqualSize },
+                                2,
+                                1,
+                            )
+                            .unwrap();
+                            for s in e.sessions_on(&id) {
+                                let p = e.session_place(&s).unwrap();
+                                hello.sessions.push(RunningSession {
+                                    session_id: s,
+                                    gpu: p.gpu,
+                                    slot: p.slot,
+                                    game: GameId::new("arena").unwrap(),
+                                    tier: p.tier,
+                                    genre: Some(GenreName::new("moba").unwrap()),
+                                    state: p.state,
+                                    since: T0,
+                                });
+                            }
+                            e.reconcile(&hello, T0).unwrap();
+                            prop_assert_eq!(places(e), before);
+                        }
+                    }
+                    prop_assert!(e.audit().is_ok(), "{:?}", e.audit());
+                    for (i, g) in e.fleet.gpus.iter().enumerate() {
+                        prop_assert_eq!(g.steered, steered.contains(&g.id));
+                        if g.steered {
+                            let gi = GpuIdx::try_from(i).unwrap();
+                            for t in 0..3 {
+                                prop_assert_eq!(e.fleet.free_sessions_of_tier(gi, t), Some(0));
+                            }
+                            prop_assert_eq!(g.membership, crate::placement::index::Membership::default());
+                        }
+                    }
+                }
+            }
+        }
     }
 }

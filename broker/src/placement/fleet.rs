@@ -44,6 +44,8 @@ pub struct Node {
     pub cpu_total: Option<u32>,
     /// Host CPU held by sessions.
     pub cpu_used: u32,
+    /// The newest pool plan its agent reports applied (0 until a heartbeat says).
+    pub plan_generation: u64,
 }
 
 impl Node {
@@ -129,6 +131,10 @@ pub struct Gpu {
     /// The agent reports another model or mode than the GPU had; it takes the new shape once
     /// no session is left on it, and no new session until then.
     pub pending_shape: Option<(SpecIdx, GpuMode)>,
+    /// The pool planner steered it away: it takes no new session and its warm instances are
+    /// not handed out, so it empties as its sessions end and can change profile. Running
+    /// sessions are untouched.
+    pub steered: bool,
 }
 
 impl Gpu {
@@ -190,6 +196,8 @@ pub enum Infeasible {
     MigSlices,
     /// Held whole by an exclusive session, or the session needs a whole GPU and it is not empty.
     Exclusive,
+    /// The pool planner steered the GPU away so it empties and can change profile.
+    Steered,
 }
 
 impl Infeasible {
@@ -207,6 +215,7 @@ impl Infeasible {
             Self::Cpu => "not enough host CPU",
             Self::MigSlices => "no MIG capacity for the shape",
             Self::Exclusive => "GPU not wholly free",
+            Self::Steered => "steered away by the pool planner",
         }
     }
 }
@@ -322,6 +331,7 @@ impl Fleet {
             present: true,
             membership: Membership::default(),
             pending_shape: None,
+            steered: false,
         });
         self.indices.add_gpu(region, spec);
         if let Some(n) = self.nodes.get_mut(to_usize(node)) {
@@ -409,6 +419,9 @@ impl Fleet {
         // A session the agent already runs is taken whatever the node's state.
         if !gpu.present || (!adopting && !node.accepts_sessions()) {
             return Err(Infeasible::NotAccepting);
+        }
+        if gpu.steered && !adopting {
+            return Err(Infeasible::Steered);
         }
         if gpu.exclusive {
             return Err(Infeasible::Exclusive);
@@ -772,7 +785,7 @@ impl Fleet {
     /// tier: exact for equal-size GPUs, bounded by free framebuffer and slots otherwise.
     pub fn free_sessions_of_tier(&self, gpu_idx: GpuIdx, tier: TierIdx) -> Option<u16> {
         let gpu = self.gpu(gpu_idx)?;
-        if gpu.exclusive || gpu.pending_shape.is_some() {
+        if gpu.exclusive || gpu.pending_shape.is_some() || gpu.steered {
             return Some(0);
         }
         let fit = self.catalog.fit(gpu.spec, tier);
@@ -803,6 +816,17 @@ impl Fleet {
                 Some(u16::try_from(by_fb).unwrap_or(u16::MAX).min(free_slots))
             }
         }
+    }
+
+    /// Steers `gpu` away (`on`) or back: while steered it is in no index set, so no strategy
+    /// offers it for a new session or hands out its warm instances. Its slots, sessions and
+    /// accounting are not touched.
+    pub fn set_steered(&mut self, gpu_idx: GpuIdx, on: bool) {
+        self.unindex(gpu_idx);
+        if let Some(g) = self.gpu_mut(gpu_idx) {
+            g.steered = on;
+        }
+        self.index(gpu_idx);
     }
 
     /// Recomputes where `gpu` belongs in the indices (after a node changed state).
@@ -841,6 +865,7 @@ impl Fleet {
         let Some(gpu) = self.gpu(gpu_idx) else { return };
         let accepting = gpu.present
             && !gpu.exclusive
+            && !gpu.steered
             && gpu.pending_shape.is_none()
             && self.node(gpu.node).is_some_and(Node::accepts_sessions)
             && self.catalog.spec(gpu.spec).is_some_and(|s| s.can_stream());

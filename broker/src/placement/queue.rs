@@ -164,6 +164,13 @@ impl Queues {
             .find(|w| &w.request.session_id == session)
     }
 
+    /// Every waiting request, tier by tier and class by class, in order within a class.
+    pub fn iter(&self) -> impl Iterator<Item = &Waiting> + '_ {
+        self.by_tier
+            .iter()
+            .flat_map(|classes| classes.iter().flatten())
+    }
+
     /// The head of one tier's class.
     pub fn front(&self, tier: TierIdx, priority: Priority) -> Option<&Waiting> {
         self.by_tier
