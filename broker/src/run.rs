@@ -1,5 +1,6 @@
-//! Starting a broker: the store, the control plane, the driver and the HTTP API, all stopped
-//! by one shutdown signal. `serve`, `dev` and the tests start brokers through [`start`].
+//! Starting a broker: the store, the control plane, the driver, the fleet-recommendation
+//! webhook (when configured) and the HTTP API, all stopped by one shutdown signal. `serve`,
+//! `dev` and the tests start brokers through [`start`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -194,6 +195,19 @@ pub async fn start_with(
         broker.clone(),
         shutdown_rx.clone(),
     )));
+    let planner = &broker.config().planner;
+    match (&planner.webhook_url, planner.enabled) {
+        (Some(url), true) => tasks.push(tokio::spawn(crate::service::webhook::run(
+            url.clone(),
+            planner.webhook_min_interval(),
+            broker.recommendations(),
+            shutdown_rx.clone(),
+        ))),
+        (Some(url), false) => {
+            tracing::warn!(%url, "planner.webhook_url is set but the planner is off: nothing is posted");
+        }
+        (None, _) => {}
+    }
     let http_shutdown = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         if let Err(e) = ops::serve(listener, router, http_shutdown).await {

@@ -2,7 +2,7 @@
 //! every error; plus `/openapi.json`, `/metrics`, `/livez` and `/readyz`.
 //!
 //! - [`sessions`]: allocate, look up, list, end and follow sessions;
-//! - [`fleet`]: nodes (operators only), pools and placement dry runs;
+//! - [`fleet`]: nodes (operators only), pools, the pool plan and placement dry runs;
 //! - [`problem`]: errors as `application/problem+json`.
 //!
 //! Dev mode adds, without a key, the player page at `/` and the status page at `/status`.
@@ -85,6 +85,7 @@ impl FromRequestParts<ApiState> for Caller {
         fleet::uncordon,
         fleet::drain,
         fleet::pools,
+        fleet::plan,
         fleet::explain,
     ),
     modifiers(&BearerAuth),
@@ -164,6 +165,7 @@ pub fn router(broker: Broker, metrics: ops::PrometheusHandle, options: RouterOpt
         .route("/v1/nodes/{id}/uncordon", post(fleet::uncordon))
         .route("/v1/nodes/{id}/drain", post(fleet::drain))
         .route("/v1/pools", get(fleet::pools))
+        .route("/v1/pools/plan", get(fleet::plan))
         .route("/v1/placement/explain", post(fleet::explain));
     if options.dev_pages {
         v1 = v1

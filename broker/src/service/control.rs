@@ -321,6 +321,16 @@ async fn admit(
             )
             .await;
     }
+    // The node's newest pool plan, queued behind the welcome: an agent that restarted lost
+    // it, and one that only reconnected ignores a plan it holds already.
+    let plan = broker
+        .state()
+        .planning
+        .as_mut()
+        .and_then(|p| p.take_for_hello(&hello.node_id));
+    if let Some(plan) = plan {
+        broker.send(&hello.node_id, Message::PoolPlan(plan)).await;
+    }
     // The reconcile may have ended sessions the agent no longer runs.
     broker.inner.wake.notify_one();
     Ok(())

@@ -1,6 +1,7 @@
 //! The service's clock: every tick runs the engine's timers, judges node liveness from
-//! heartbeats, ends sessions that no agent reported after a restart, and turns the engine's
-//! events into effects. It also wakes early when something changed.
+//! heartbeats, ends sessions that no agent reported after a restart, runs the pool planner's
+//! rounds when due, and turns the engine's events into effects. It also wakes early when
+//! something changed.
 
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,8 @@ pub async fn run(broker: Broker, mut shutdown: watch::Receiver<bool>) {
             liveness(&broker);
             orphans(&broker).await;
             broker.end_overdue(Timestamp::now()).await;
+            // A round only when one is due (`planner.round_every_s`).
+            broker.plan_round(Timestamp::now());
         }
         broker.tick(Timestamp::now()).await;
         if last_sweep.elapsed() >= Duration::from_secs(3600) {

@@ -8,13 +8,17 @@
 //!
 //! - [`control`]: the QUIC control plane agents connect to;
 //! - [`driver`]: timers, node liveness and the engine's events;
+//! - [`planning`]: the pool planner's inputs, rounds and plans;
 //! - [`tenants`]: API keys and rate limits;
-//! - [`view`]: what the API shows of a session.
+//! - [`view`]: what the API shows of a session;
+//! - [`webhook`]: the fleet recommendation posted to an autoscaler.
 
 pub mod control;
 pub mod driver;
+pub mod planning;
 pub mod tenants;
 pub mod view;
+pub mod webhook;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -23,7 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 
 use framecast_shared::config::BrokerConfig;
 use framecast_shared::config::broker::TenantConfig;
@@ -170,6 +174,8 @@ struct State {
     requeue: Vec<SessionId>,
     /// Placements made outside a request (a requeue) waiting to be reserved on their agents.
     engine_placed: Vec<Placement>,
+    /// The pool planner, beside the engine it reads; `None` when `planner.enabled` is off.
+    planning: Option<planning::Planning>,
 }
 
 /// Everything the service shares between its tasks.
@@ -191,6 +197,8 @@ pub(crate) struct Inner {
     wake: Notify,
     /// When this process started (sessions of agents that never come back end after a grace).
     started: Instant,
+    /// The planner's newest fleet recommendation, for the webhook.
+    recommendation: watch::Sender<webhook::Latest>,
 }
 
 /// The broker, cheap to clone.
@@ -239,6 +247,11 @@ impl Broker {
         );
         let (events, _) = broadcast::channel(1024);
         let tenants = Tenants::new(&config.tenants);
+        let planning = planning::Planning::new(
+            &config.planner,
+            Duration::from_millis(u64::from(config.control.heartbeat_interval_ms)),
+        )
+        .map_err(|e| ServiceError::Internal(format!("[planner]: {e}")))?;
         let broker = Self {
             inner: Arc::new(Inner {
                 tiers,
@@ -250,6 +263,7 @@ impl Broker {
                     limits: RateLimits::default(),
                     requeue: Vec::new(),
                     engine_placed: Vec::new(),
+                    planning,
                 }),
                 links: DashMap::new(),
                 seen: DashMap::new(),
@@ -262,6 +276,7 @@ impl Broker {
                 next_id: AtomicU64::new(1),
                 wake: Notify::new(),
                 started: Instant::now(),
+                recommendation: watch::Sender::new(None),
                 config,
             }),
         };
@@ -287,6 +302,16 @@ impl Broker {
     /// Subscribes to session changes.
     pub fn subscribe(&self) -> broadcast::Receiver<SessionEvent> {
         self.inner.events.subscribe()
+    }
+
+    /// Follows the pool planner's fleet recommendation: a new value whenever it changes.
+    pub fn recommendations(&self) -> watch::Receiver<webhook::Latest> {
+        self.inner.recommendation.subscribe()
+    }
+
+    /// The tier presets, smallest framebuffer first.
+    pub fn tier_presets(&self) -> &[TierPreset] {
+        &self.inner.tiers
     }
 
     /// Whether the broker can serve: its store answers.
@@ -434,6 +459,11 @@ impl Broker {
                     last_input: None,
                 },
             );
+            // Demand, whether or not it can be served: in this broker's region, the only one
+            // its agents may be in.
+            if let Some(p) = st.planning.as_mut() {
+                p.request(&self.inner.config.region, &record.tier, &record.game);
+            }
         }
         let idem = idempotency_key.clone().map(|key| IdempotencyRecord {
             tenant: tenant.id.clone(),
@@ -695,8 +725,8 @@ impl Broker {
             session_id: p.session_id,
             reason: EndReason::Released,
         });
-        let entry = match self.reserve_on_agent(&record, p).await {
-            Ok(entry) => entry,
+        let (entry, warm) = match self.reserve_on_agent(&record, p).await {
+            Ok(held) => held,
             Err(why) => {
                 self.send(&p.node, release).await;
                 return Err(Hold::Refused(why));
@@ -704,9 +734,13 @@ impl Broker {
         };
         let updated = {
             let mut st = self.state();
+            let st = &mut *st;
             match st.sessions.get_mut(&p.session_id) {
                 Some(e) => {
                     *e = entry.clone();
+                    if let Some(planning) = st.planning.as_mut() {
+                        planning.placed(&p.region, &p.tier, &record.game, warm);
+                    }
                     true
                 }
                 None => false,
@@ -717,16 +751,31 @@ impl Broker {
             self.send(&p.node, release).await;
             return Err(Hold::Gone);
         }
+        let labels = [
+            ("region", p.region.to_string()),
+            ("tier", p.tier.to_string()),
+            ("game", record.game.to_string()),
+        ];
+        let counter = if warm {
+            crate::metrics::POOL_WARM_HITS
+        } else {
+            crate::metrics::POOL_COLD_STARTS
+        };
+        metrics::counter!(counter, &labels).increment(1);
+        if p.reprofile {
+            metrics::counter!(crate::metrics::POOL_REPROFILES, "cause" => "placement").increment(1);
+        }
         self.write_update(entry.record.clone()).await;
         Ok(())
     }
 
-    /// Asks the placement's agent to hold the slot; on success the entry with its token.
+    /// Asks the placement's agent to hold the slot; on success the entry with its token, and
+    /// whether the agent gave it a warm instance.
     async fn reserve_on_agent(
         &self,
         record: &StoredSession,
         p: &Placement,
-    ) -> Result<Entry, String> {
+    ) -> Result<(Entry, bool), String> {
         let preset = self.preset(&p.tier).map_err(|e| e.to_string())?;
         let link = self
             .inner
@@ -794,12 +843,15 @@ impl Broker {
             )
         });
         tracing::info!(session_id = %rec.session_id, node = %p.node, gpu = %p.gpu, slot = p.slot, warm, "reserved");
-        Ok(Entry {
-            record: rec,
-            token: Some(token),
-            whep_url,
-            last_input: None,
-        })
+        Ok((
+            Entry {
+                record: rec,
+                token: Some(token),
+                whep_url,
+                last_input: None,
+            },
+            warm,
+        ))
     }
 
     fn view_of(&self, entry: &Entry) -> SessionView {
@@ -981,6 +1033,15 @@ impl Broker {
             }
             st.ended
                 .push_back((entry.record.tenant.clone(), view.clone()));
+            // How long it held a slot, for the planner's forecast of slots coming free.
+            if let (Some(planning), Some(placed)) = (st.planning.as_mut(), entry.record.placed_at) {
+                planning.ended(
+                    &self.inner.config.region,
+                    &entry.record.tier,
+                    &entry.record.game,
+                    now.saturating_since(placed),
+                );
+            }
         }
         if tell_agent && let Some(node) = &entry.record.node {
             self.send(

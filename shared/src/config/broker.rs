@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::planner::PlannerConfig;
 use super::validate::Checker;
 use super::{FieldError, TlsConfig, Validate};
 use crate::genre::{GenreProfile, PlacementStrategy};
@@ -43,6 +44,9 @@ pub struct BrokerConfig {
     /// Tenants and their API keys.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+    /// The pool planner: warm instances, vGPU profiles and the fleet recommendation.
+    #[serde(default)]
+    pub planner: PlannerConfig,
 }
 
 /// `[http]`: the allocation API.
@@ -209,6 +213,7 @@ impl Default for BrokerConfig {
                 .collect(),
             games: Vec::new(),
             tenants: Vec::new(),
+            planner: PlannerConfig::default(),
         }
     }
 }
@@ -502,6 +507,8 @@ impl Validate for BrokerConfig {
                 );
             }
         }
+
+        self.planner.check(&mut c.section("planner"));
 
         let mut seen = BTreeSet::new();
         let mut keys = BTreeSet::new();

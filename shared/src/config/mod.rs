@@ -15,6 +15,7 @@ pub mod agent;
 pub mod broker;
 pub mod cli;
 pub mod inventory;
+pub mod planner;
 mod validate;
 
 use std::fmt;

@@ -172,6 +172,34 @@ fn broker_rule_table() {
             "[control.tls]\nca_cert = \"/nonexistent/ca.pem\"\ncert = \"/nonexistent/b.pem\"\nkey = \"/nonexistent/b.key\"",
             "control.tls.ca_cert = \"/nonexistent/ca.pem\": file not found",
         ),
+        (
+            "[planner]\nround_every_s = 0.01",
+            "planner.round_every_s = 0.01: must be in 0.2..=3600",
+        ),
+        (
+            "[planner]\nround_every_s = 600\nshort_window_s = 300",
+            "planner.short_window_s = 300.0: must be at least planner.round_every_s (600)",
+        ),
+        (
+            "[planner]\nlong_window_s = 60",
+            "planner.long_window_s = 60.0: must be at least planner.short_window_s (300)",
+        ),
+        (
+            "[planner]\nsafety_z = -1",
+            "planner.safety_z = -1.0: must be in 0..=10",
+        ),
+        (
+            "[planner]\nmin_warm = 8\nmax_warm = 4",
+            "planner.min_warm = 8: must not exceed planner.max_warm (4)",
+        ),
+        (
+            "[planner]\nmax_changes_per_round = 0",
+            "planner.max_changes_per_round = 0: must be in 1..=100000",
+        ),
+        (
+            "[planner]\nwebhook_min_interval_s = -5",
+            "planner.webhook_min_interval_s = -5.0: must be in 0..=86400",
+        ),
     ];
     for (toml, expected) in table {
         let err = broker_from(toml).expect_err(toml);
@@ -239,6 +267,21 @@ fn schema_errors_name_the_field() {
             "[genres.fps]\nstrategy = \"scatter\"",
             "genres.fps.strategy",
             "unknown variant",
+        ),
+        (
+            "[planner]\nwebhook_url = \"https://scaler/hook\"",
+            "planner.webhook_url",
+            "https is not supported",
+        ),
+        (
+            "[planner]\nwebhook_url = \"scaler:8080\"",
+            "planner.webhook_url",
+            "must start with http://",
+        ),
+        (
+            "[planner]\nround_every = 10",
+            "planner.round_every",
+            "unknown field: found `round_every`",
         ),
     ];
     for (toml, field, message) in table {
@@ -412,6 +455,33 @@ fn the_example_configs_load() {
     assert!(!broker.games.is_empty() && !broker.tenants.is_empty());
     let agent: AgentConfig = load(&sources(Some(&root.join("agent.toml")), &[], &[])).unwrap();
     assert!(!agent.games.is_empty());
+}
+
+#[test]
+fn a_planner_section_with_a_webhook_loads_and_prints_back() {
+    let cfg = broker_from(
+        "[planner]\nround_every_s = 0.5\nmax_warm = 8\nwebhook_url = \"http://scaler:9000/hook\"",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.planner.round_every(),
+        std::time::Duration::from_millis(500)
+    );
+    assert_eq!(cfg.planner.max_warm, 8);
+    let url = cfg.planner.webhook_url.clone().unwrap();
+    assert_eq!(
+        (url.host(), url.port(), url.path()),
+        ("scaler", 9000, "/hook")
+    );
+    assert_eq!(broker_from(&to_toml(&cfg).unwrap()).unwrap(), cfg);
+    // Set from the environment like any other field.
+    let env = load::<BrokerConfig>(&sources(
+        None,
+        &[("FRAMECAST_PLANNER__ENABLED", "false")],
+        &[],
+    ))
+    .unwrap();
+    assert!(!env.planner.enabled);
 }
 
 #[test]
