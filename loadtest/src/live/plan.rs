@@ -200,6 +200,9 @@ impl Clock {
 pub(crate) fn scale_timers(config: &mut BrokerConfig, speed: f64, run: Duration) {
     let keep = u32::try_from(run.as_secs().saturating_add(KEEP_MARGIN_S).min(MAX_KEEP_S))
         .unwrap_or(u32::MAX);
+    // Warm pools are not modelled by `live` (sim's default `none`): without them its counts
+    // compare with `sim`'s, and no slot is held by an idle warm instance.
+    config.planner.enabled = false;
     let t = &mut config.timers;
     t.reservation_ttl_s = keep;
     t.idle_timeout_s = keep;
