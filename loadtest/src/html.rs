@@ -851,6 +851,7 @@ mod tests {
                     fragmentation: 0.05 * load,
                     real_use: 0.8,
                     max_sessions_per_gpu: 4,
+                    ..Sample::default()
                 }
             })
             .collect();

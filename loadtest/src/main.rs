@@ -45,6 +45,10 @@ enum Command {
         /// Another seed than the scenario's.
         #[arg(long)]
         seed: Option<u64>,
+        /// Who keeps warm game instances, instead of the scenario's `[pools] policy`: `none`,
+        /// `fixed` (the fixed-buffer baseline) or `planner` (the pool planner).
+        #[arg(long, value_name = "POLICY")]
+        pools: Option<scenario::PoolPolicy>,
         #[command(flatten)]
         out: Outputs,
     },
@@ -116,8 +120,9 @@ fn main() -> ExitCode {
             scenario,
             strategy,
             seed,
+            pools,
             out,
-        } => sim_command(&scenario, strategy.as_deref(), seed, &out),
+        } => sim_command(&scenario, strategy.as_deref(), seed, pools, &out),
         Command::Plan {
             scenario,
             slo,
@@ -204,11 +209,20 @@ fn strategies(arg: Option<&str>, scenario: &scenario::Scenario) -> Result<Vec<St
 /// `framecast-loadtest sim`.
 // A command-line tool's output goes to the terminal.
 #[allow(clippy::print_stdout, clippy::print_stderr)]
-fn sim_command(path: &Path, strategy: Option<&str>, seed: Option<u64>, out: &Outputs) -> ExitCode {
-    let scenario = match load(path, seed) {
+fn sim_command(
+    path: &Path,
+    strategy: Option<&str>,
+    seed: Option<u64>,
+    pools: Option<scenario::PoolPolicy>,
+    out: &Outputs,
+) -> ExitCode {
+    let mut scenario = match load(path, seed) {
         Ok(s) => s,
         Err(code) => return code,
     };
+    if let Some(policy) = pools {
+        scenario.pools.policy = policy;
+    }
     let names = match strategies(strategy, &scenario) {
         Ok(n) => n,
         Err(e) => {

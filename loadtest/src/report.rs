@@ -100,6 +100,41 @@ pub struct Report {
     /// Concurrent WebRTC streams, step by step, and how many a node holds (`webrtc`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub streams: Option<crate::webrtc::StreamsReport>,
+    /// Who kept warm game instances (`none`, `fixed`, `planner`; empty from engines that do
+    /// not model them). With `none` the warm figures below are zero and not meaningful.
+    #[serde(default)]
+    pub pools: String,
+    /// Placements on an already-warm instance of the session's game and tier: the player
+    /// starts at once.
+    #[serde(default)]
+    pub warm_hits: u64,
+    /// Placements on a slot without one: the player waits for the game to start.
+    #[serde(default)]
+    pub cold_starts: u64,
+    /// `warm_hits` over all placements (0–1); absent with no warm pools or no placements.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_hit_ratio: Option<f64>,
+    /// `warm_hits` over the placements of requests that did not queue (0–1): the fleet had
+    /// room when they came. In a full fleet every freed slot goes to a queued player, cold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_hit_ratio_unqueued: Option<f64>,
+    /// Starting warm instances whose slot the engine gave to a session of another game or
+    /// tier (the engine sees a warm instance only once it is ready): stopped.
+    #[serde(default)]
+    pub warm_preempted: u64,
+    /// What cold-started players waited for their game, from placement to play, seconds
+    /// (queue wait not included).
+    #[serde(default)]
+    pub cold_start_wait_s: Percentiles,
+    /// GPUs steered away from new sessions so they could drain and take another profile.
+    #[serde(default)]
+    pub reprofiles: u64,
+    /// Idle warm capacity averaged over the samples: see [`Sample::warm_idle_share`] (0–1).
+    #[serde(default)]
+    pub mean_warm_idle_share: f64,
+    /// The highest idle warm capacity of any sample (0–1).
+    #[serde(default)]
+    pub peak_warm_idle_share: f64,
 }
 
 /// How many points a distribution keeps for charts.
@@ -176,6 +211,25 @@ pub struct Sample {
     /// The most sessions one GPU holds.
     #[serde(default)]
     pub max_sessions_per_gpu: u64,
+    /// Idle warm instances: started (or starting) ahead of demand and not yet taken by a
+    /// player.
+    #[serde(default)]
+    pub warm_idle: u64,
+    /// Of those, still starting.
+    #[serde(default)]
+    pub warm_starting: u64,
+    /// Warm instances the pool plans ask for; more than `warm_idle` while GPUs lack the room
+    /// (or the time) to start them.
+    #[serde(default)]
+    pub warm_planned: u64,
+    /// Idle warm capacity: framebuffer held by idle warm instances (starting ones included),
+    /// share of the fleet's (0–1). `framebuffer` counts sessions only.
+    #[serde(default)]
+    pub warm_idle_share: f64,
+    /// Warm hits over placements in the minute before this sample (0–1); absent with no warm
+    /// pools or no placements in that minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_hit_ratio: Option<f64>,
 }
 
 /// Percentiles of a distribution (seconds unless the field holding it says otherwise).
@@ -213,6 +267,11 @@ impl Percentiles {
             max: h.max() as f64 / scale,
         }
     }
+}
+
+/// A share as a percentage, `n/a` when there is none.
+fn percent(share: Option<f64>) -> String {
+    share.map_or("n/a".to_owned(), |r| format!("{:.1}%", 100.0 * r))
 }
 
 /// One SLO threshold and how the run did against it.
@@ -356,6 +415,26 @@ impl Report {
                 100.0 * self.mean_real_use,
                 100.0 * self.peak.real_use,
                 100.0 * self.peak.fragmentation
+            );
+        }
+        if fleet_run && !self.pools.is_empty() && self.pools != "none" {
+            let c = &self.cold_start_wait_s;
+            let _ = writeln!(
+                s,
+                "warm pools       {}: {} warm hits, {} cold starts, warm-hit ratio {} ({} without queueing); idle warm capacity {:.1}% mean, {:.1}% peak; {} re-profiles",
+                self.pools,
+                self.warm_hits,
+                self.cold_starts,
+                percent(self.warm_hit_ratio),
+                percent(self.warm_hit_ratio_unqueued),
+                100.0 * self.mean_warm_idle_share,
+                100.0 * self.peak_warm_idle_share,
+                self.reprofiles
+            );
+            let _ = writeln!(
+                s,
+                "cold start (s)   p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}  ({} cold-started players; {} starting warm instances pre-empted)",
+                c.p50, c.p90, c.p99, c.max, c.count, self.warm_preempted
             );
         }
         if self.reconnects + self.broker_restarts > 0 {

@@ -4,9 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use framecast_broker::planner::PlannerConfig;
 use framecast_shared::gpu::{GpuMode, GpuSpec, models};
 
 /// One scenario.
@@ -34,6 +36,9 @@ pub struct Scenario {
     /// What the run must achieve; a miss makes the command exit with status 1.
     #[serde(default)]
     pub slo: Slo,
+    /// Warm game instances: who keeps them and how long one takes to start.
+    #[serde(default)]
+    pub pools: Pools,
 }
 
 fn default_seed() -> u64 {
@@ -223,6 +228,145 @@ pub struct Slo {
     pub max_queue_wait_p99_s: Option<f64>,
     /// The lowest framebuffer utilisation at the busiest sample (0–1).
     pub min_peak_framebuffer_utilization: Option<f64>,
+}
+
+/// `[pools]`: warm game instances kept ahead of demand, so a player starts at once instead of
+/// waiting for a game to launch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pools {
+    /// Who keeps warm instances; `--pools` overrides it.
+    #[serde(default)]
+    pub policy: PoolPolicy,
+    /// Seconds from starting a game instance to its being ready: what a player placed on a
+    /// slot without a warm instance of its game waits.
+    #[serde(default = "default_launch_s")]
+    pub launch_s: u64,
+    /// `fixed`: warm instances per tier and game in each region.
+    #[serde(default = "default_fixed_per_key")]
+    pub fixed_per_key: u16,
+    /// How often the pool plan is made again (the planner's round, the fixed buffer's
+    /// top-up), seconds.
+    #[serde(default = "default_round_every_s")]
+    pub round_every_s: u64,
+    /// `planner`: settings of the planner other than its defaults.
+    #[serde(default)]
+    pub planner: PlannerKnobs,
+}
+
+/// `[pools.planner]`: the pool planner's settings (`framecast_broker::planner::PlannerConfig`)
+/// a scenario changes; absent ones keep the planner's defaults. Its launch time and round are
+/// `launch_s` and `round_every_s`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlannerKnobs {
+    /// Standard deviations of arrivals during one launch added to the warm buffer.
+    pub safety_z: Option<f64>,
+    /// Fewest warm instances per (region, tier, game) with any demand seen.
+    pub min_warm: Option<u16>,
+    /// Most warm instances per (region, tier, game).
+    pub max_warm: Option<u16>,
+    /// Most GPUs whose plan or steering changes in one round.
+    pub max_changes_per_round: Option<usize>,
+    /// Rounds a deficit and a surplus must last before a GPU is steered away.
+    pub hysteresis_rounds: Option<u32>,
+    /// Learn a daily profile of the demand and plan for its rate ahead.
+    pub daily_profile: Option<bool>,
+}
+
+impl Pools {
+    /// The planner's settings for this scenario.
+    pub fn planner_config(&self) -> PlannerConfig {
+        let d = PlannerConfig::default();
+        let k = &self.planner;
+        PlannerConfig {
+            round_every: Duration::from_secs(self.round_every_s),
+            launch_time: Duration::from_secs(self.launch_s),
+            safety_z: k.safety_z.unwrap_or(d.safety_z),
+            min_warm: k.min_warm.unwrap_or(d.min_warm),
+            max_warm: k.max_warm.unwrap_or(d.max_warm),
+            max_changes_per_round: k.max_changes_per_round.unwrap_or(d.max_changes_per_round),
+            hysteresis_rounds: k.hysteresis_rounds.unwrap_or(d.hysteresis_rounds),
+            daily_profile: k.daily_profile.unwrap_or(d.daily_profile),
+            ..d
+        }
+    }
+}
+
+impl Default for Pools {
+    fn default() -> Self {
+        Self {
+            policy: PoolPolicy::default(),
+            launch_s: default_launch_s(),
+            fixed_per_key: default_fixed_per_key(),
+            round_every_s: default_round_every_s(),
+            planner: PlannerKnobs::default(),
+        }
+    }
+}
+
+fn default_launch_s() -> u64 {
+    30
+}
+
+fn default_fixed_per_key() -> u16 {
+    1
+}
+
+fn default_round_every_s() -> u64 {
+    10
+}
+
+/// Who keeps warm instances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolPolicy {
+    /// Nobody: a placed session starts at once, as if its game were always running (the
+    /// engine's figures alone; warm figures are not reported).
+    #[default]
+    None,
+    /// The baseline: a fixed number of warm instances per tier and game in each region, on
+    /// GPUs that have room of the right profile; GPUs are never re-profiled for them.
+    Fixed,
+    /// The pool planner (`framecast_broker::planner`): warm instances and GPU profiles
+    /// sized from the observed demand.
+    Planner,
+}
+
+impl PoolPolicy {
+    /// Every policy, as the scenario and `--pools` name it.
+    pub const NAMES: [&'static str; 3] = ["none", "fixed", "planner"];
+
+    /// Its name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Fixed => "fixed",
+            Self::Planner => "planner",
+        }
+    }
+}
+
+impl std::fmt::Display for PoolPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PoolPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Self::None),
+            "fixed" => Ok(Self::Fixed),
+            "planner" => Ok(Self::Planner),
+            other => Err(format!(
+                "{other}: must be one of {}",
+                Self::NAMES.join(", ")
+            )),
+        }
+    }
 }
 
 /// Why a scenario cannot be used.
@@ -425,6 +569,38 @@ impl Scenario {
                 );
             }
         }
+        let pools = &self.pools;
+        if !(1..=3600).contains(&pools.launch_s) {
+            return bad(
+                "pools.launch_s",
+                &pools.launch_s,
+                "must be 1..=3600 seconds",
+            );
+        }
+        if !(1..=10_000).contains(&pools.fixed_per_key) {
+            return bad(
+                "pools.fixed_per_key",
+                &pools.fixed_per_key,
+                "must be 1..=10000 warm instances",
+            );
+        }
+        if !(1..=3600).contains(&pools.round_every_s) {
+            return bad(
+                "pools.round_every_s",
+                &pools.round_every_s,
+                "must be 1..=3600 seconds",
+            );
+        }
+        let planner = pools.planner_config();
+        if let Err(e) = planner.validate() {
+            let value = match e.field {
+                "safety_z" => planner.safety_z.to_string(),
+                "min_warm" => format!("{} (max_warm {})", planner.min_warm, planner.max_warm),
+                "max_changes_per_round" => planner.max_changes_per_round.to_string(),
+                other => other.to_owned(),
+            };
+            return bad(&format!("pools.planner.{}", e.field), &value, e.reason);
+        }
         let total_nodes: usize = self.fleet.iter().map(|g| g.nodes).sum();
         for (i, f) in self.faults.iter().enumerate() {
             if f.at_s() >= self.duration_s {
@@ -527,6 +703,29 @@ genres = { fps = 1 }
         assert_eq!((s.seed, s.strategy.as_str()), (1, "genre-weighted"));
         assert_eq!(s.fleet[0].mode, GpuMode::EqualSize);
         assert!(s.demand.queue);
+        assert_eq!(s.pools, Pools::default());
+        assert_eq!(s.pools.policy, PoolPolicy::None);
+        let planner = s.pools.planner_config();
+        assert_eq!(planner.launch_time, Duration::from_secs(30));
+        assert_eq!(planner.round_every, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn pools_take_a_policy_and_the_planner_settings() {
+        let text = format!(
+            "{SMOKE}\n[pools]\npolicy = \"planner\"\nlaunch_s = 45\n\n[pools.planner]\nsafety_z = 4\nmax_changes_per_round = 64\n"
+        );
+        let s = Scenario::parse(&text, "t.toml").unwrap();
+        assert_eq!(s.pools.policy, PoolPolicy::Planner);
+        let c = s.pools.planner_config();
+        assert_eq!(c.launch_time, Duration::from_secs(45));
+        assert_eq!((c.safety_z, c.max_changes_per_round), (4.0, 64));
+        assert_eq!(c.max_warm, PlannerConfig::default().max_warm);
+        for name in PoolPolicy::NAMES {
+            let p: PoolPolicy = name.parse().unwrap();
+            assert_eq!(p.as_str(), name);
+        }
+        assert!("warm".parse::<PoolPolicy>().is_err());
     }
 
     #[test]
@@ -551,6 +750,22 @@ genres = { fps = 1 }
             (
                 format!("strategy = \"best\"\n{SMOKE}"),
                 "strategy = best: must be one of",
+            ),
+            (
+                format!("{SMOKE}\n[pools]\nlaunch_s = 0\n"),
+                "t.toml: pools.launch_s = 0: must be 1..=3600 seconds",
+            ),
+            (
+                format!("{SMOKE}\n[pools]\npolicy = \"warmest\"\n"),
+                "policy = \"warmest\"",
+            ),
+            (
+                format!("{SMOKE}\n[pools.planner]\nsafety_z = 11\n"),
+                "pools.planner.safety_z = 11: must be between 0 and 10",
+            ),
+            (
+                format!("{SMOKE}\n[pools.planner]\nmin_warm = 5\nmax_warm = 2\n"),
+                "pools.planner.min_warm = 5 (max_warm 2): must not exceed max_warm",
             ),
         ];
         for (text, want) in cases {
@@ -579,6 +794,8 @@ genres = { fps = 1 }
             "fleet-10k",
             "mixed-tier-stress",
             "node-loss",
+            "pools",
+            "evening-peak-warm",
             "replay",
             "smoke",
         ] {

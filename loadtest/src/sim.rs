@@ -6,6 +6,10 @@
 //! Every second of simulated time the engine's timers run (queue timeouts, reconnect and
 //! node-loss grace) and what it did on its own (queued requests placed, sessions ended) is
 //! taken in; every minute the fleet's use is sampled for the timeline.
+//!
+//! With warm pools (`[pools] policy`, `--pools`), simulated node agents keep warm game
+//! instances as their pool plans ask (see [`pools`]): a player placed on one starts at once, any
+//! other waits `launch_s` for its game to start.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -13,9 +17,11 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use rustc_hash::FxHashMap;
 
+use framecast_broker::placement::fleet::NodeIdx;
 use framecast_broker::placement::request::EngineEvent;
 use framecast_broker::placement::{
-    Decision, Engine, EngineConfig, PlaceRequest, Priority, RegionRtt, bound, simulated, strategy,
+    Decision, Engine, EngineConfig, PlaceRequest, Placement, Priority, RegionRtt, bound, simulated,
+    strategy,
 };
 use framecast_shared::genre::GenreProfile;
 use framecast_shared::ids::{NodeId, RegionName, SessionId, TenantId};
@@ -28,8 +34,10 @@ use crate::report::{Percentiles, Report, Sample, SloCheck};
 use crate::scenario::{Fault, Scenario};
 
 mod calendar;
+mod pools;
 
 use calendar::Calendar;
+use pools::{Key, Pools, Site, Start};
 
 /// The simulation's epoch: its second 0.
 const T0: Timestamp = Timestamp::from_millis(1_800_000_000_000);
@@ -69,6 +77,12 @@ enum Event {
     Fault(usize),
     /// The broker is back from a restart.
     BrokerUp,
+    /// The session's game has started (a cold start): its player plays.
+    Launched(SessionId),
+    /// Warm instance `.2` on GPU `.1` of node `.0` is ready.
+    WarmReady(NodeIdx, u8, u32),
+    /// The pool plan is made again.
+    PoolRound,
 }
 
 struct Live {
@@ -80,6 +94,10 @@ struct Live {
     /// Where it runs, once placed.
     node: Option<NodeId>,
     drop: Option<StreamDrop>,
+    /// With warm pools: its (tier, game), the GPU it runs on and since when, once placed.
+    key: Option<Key>,
+    site: Option<Site>,
+    placed_ms: u64,
 }
 
 /// Runs `scenario` with `strategy_name` (the scenario's when `None`) and reports.
@@ -96,38 +114,7 @@ pub fn run_with_progress(
     let started = Instant::now();
     let strategy_name = strategy_name.unwrap_or(&scenario.strategy).to_owned();
     let mut sim = Sim::new(scenario, &strategy_name)?;
-    progress.set_length(scenario.duration_s);
-    let end_ms = scenario.duration_s.saturating_mul(1000);
-    if let Some(first) = sim.demand.next() {
-        sim.next_request = Some(first.clone());
-        sim.calendar.push(first.at_ms, Event::Arrival);
-    }
-    sim.calendar.push(1000, Event::Tick);
-    sim.calendar.push(0, Event::Sample);
-    for (i, f) in scenario.faults.iter().enumerate() {
-        sim.calendar.push(f.at_s() * 1000, Event::Fault(i));
-    }
-    while let Some((at, event)) = sim.calendar.pop() {
-        if at > end_ms {
-            break;
-        }
-        sim.handle(at, event)?;
-        sim.take_engine_events(at)?;
-        if event == Event::Sample {
-            progress.set_position(at / 1000);
-        }
-    }
-    progress.set_position(scenario.duration_s);
-    // Requests made while a broker restart outlasted the run never reached it.
-    for d in std::mem::take(&mut sim.deferred) {
-        if let Deferred::Request(_) = d {
-            sim.stats.requests += 1;
-            *sim.stats
-                .rejected
-                .entry("broker-unavailable".into())
-                .or_default() += 1;
-        }
-    }
+    sim.simulate(progress)?;
     sim.report(scenario, strategy_name, started.elapsed())
 }
 
@@ -161,6 +148,8 @@ struct Sim<'a> {
     deferred: Vec<Deferred>,
     /// The engine's queue timeout for normal requests, ms.
     queue_timeout_ms: u64,
+    /// Warm pools and the agents that keep them; `None` for policy `none`.
+    pools: Option<Pools>,
 }
 
 /// What reaches the broker only once it is back.
@@ -205,6 +194,7 @@ impl<'a> Sim<'a> {
             }
             gpus += group.nodes * group.gpus_per_node;
         }
+        let pools = Pools::new(scenario, &engine)?;
         let demand = DemandStream::new(scenario).map_err(|e| setup(&e))?;
         let regions = demand.regions().cloned().collect();
         let live_per_tier = vec![0; tiers.len()];
@@ -232,11 +222,54 @@ impl<'a> Sim<'a> {
             down_until: None,
             deferred: Vec::new(),
             queue_timeout_ms,
+            pools,
         })
     }
 
     fn now(at: u64) -> Timestamp {
         T0.saturating_add(Duration::from_millis(at))
+    }
+
+    /// Runs the scenario to its end, moving `progress` through the simulated seconds.
+    fn simulate(&mut self, progress: &indicatif::ProgressBar) -> Result<(), SimError> {
+        let scenario = self.scenario;
+        progress.set_length(scenario.duration_s);
+        let end_ms = scenario.duration_s.saturating_mul(1000);
+        if let Some(first) = self.demand.next() {
+            self.next_request = Some(first.clone());
+            self.calendar.push(first.at_ms, Event::Arrival);
+        }
+        self.calendar.push(1000, Event::Tick);
+        self.calendar.push(0, Event::Sample);
+        if self.pools.is_some() {
+            self.calendar.push(0, Event::PoolRound);
+        }
+        for (i, f) in scenario.faults.iter().enumerate() {
+            self.calendar.push(f.at_s() * 1000, Event::Fault(i));
+        }
+        while let Some((at, event)) = self.calendar.pop() {
+            if at > end_ms {
+                break;
+            }
+            self.handle(at, event)?;
+            self.take_engine_events(at)?;
+            if event == Event::Sample {
+                progress.set_position(at / 1000);
+            }
+        }
+        progress.set_position(scenario.duration_s);
+        // Requests made while a broker restart outlasted the run never reached it.
+        for d in std::mem::take(&mut self.deferred) {
+            if let Deferred::Request(_) = d {
+                self.stats.requests += 1;
+                *self
+                    .stats
+                    .rejected
+                    .entry("broker-unavailable".into())
+                    .or_default() += 1;
+            }
+        }
+        Ok(())
     }
 
     fn handle(&mut self, at: u64, event: Event) -> Result<(), SimError> {
@@ -257,8 +290,36 @@ impl<'a> Sim<'a> {
                     self.arrive(request, at)?;
                 }
             }
-            Event::End(_) | Event::Abandon(_) | Event::Drop(_) | Event::Back(_) if down => {
+            Event::End(_)
+            | Event::Abandon(_)
+            | Event::Drop(_)
+            | Event::Back(_)
+            | Event::Launched(_)
+                if down =>
+            {
                 self.deferred.push(Deferred::Event(event));
+            }
+            Event::Launched(id) => {
+                if self.live.get(&id).is_some_and(|s| s.node.is_some()) {
+                    self.play(id, at);
+                }
+            }
+            Event::WarmReady(node, gpu, serial) => {
+                if let Some(p) = &mut self.pools {
+                    p.ready(node, gpu, serial);
+                }
+            }
+            Event::PoolRound => {
+                if let Some(p) = &mut self.pools {
+                    // The planner is the broker's: it does not run while the broker is away.
+                    if !down {
+                        p.round(&mut self.engine, at, &mut self.calendar);
+                    }
+                    let next = at + p.round_every_ms();
+                    if next <= self.end_ms {
+                        self.calendar.push(next, Event::PoolRound);
+                    }
+                }
             }
             Event::End(id) => self.end(id, at),
             Event::Abandon(id) => {
@@ -274,6 +335,10 @@ impl<'a> Sim<'a> {
                 // A broker that is away runs no timers.
                 if !down {
                     self.engine.expire(Self::now(at));
+                    // The agents' heartbeats, for nodes whose warm instances changed.
+                    if let Some(p) = &mut self.pools {
+                        p.heartbeats(&mut self.engine, at, &mut self.calendar);
+                    }
                 }
                 if at + 1000 <= self.end_ms {
                     self.calendar.push(at + 1000, Event::Tick);
@@ -290,6 +355,9 @@ impl<'a> Sim<'a> {
                 Some(Fault::NodeLoss { nodes: count, .. }) => {
                     for node in self.nodes.iter().take(*count) {
                         let _ = self.engine.node_down(node, Self::now(at));
+                        if let Some(p) = &mut self.pools {
+                            p.node_lost(node);
+                        }
                     }
                     self.stats.nodes_lost += *count as u64;
                 }
@@ -362,6 +430,16 @@ impl<'a> Sim<'a> {
             .iter()
             .position(|t| t.name == r.tier)
             .unwrap_or(0);
+        let key = match &mut self.pools {
+            Some(p) => {
+                let key = p.request_key(&self.engine, &r.tier, &r.game);
+                if let Some(home) = self.regions.get(r.home) {
+                    p.observe_request(home, key, at);
+                }
+                key
+            }
+            None => None,
+        };
         let timer = Instant::now();
         let decision = self.engine.place(request, now);
         self.place_time += timer.elapsed();
@@ -378,12 +456,15 @@ impl<'a> Sim<'a> {
                         length_ms: r.length_ms,
                         node: None,
                         drop: r.drop,
+                        key,
+                        site: None,
+                        placed_ms: 0,
                     },
                 );
                 if waited == 0 {
                     self.stats.placed_at_once += 1;
                 }
-                self.placed(id, p.node, waited, at)?;
+                self.placed(id, p, waited, false, at)?;
             }
             Decision::Queued(_) => {
                 self.stats.queued += 1;
@@ -395,6 +476,9 @@ impl<'a> Sim<'a> {
                         length_ms: r.length_ms,
                         node: None,
                         drop: r.drop,
+                        key,
+                        site: None,
+                        placed_ms: 0,
                     },
                 );
                 // A player more patient than the queue timeout never gets to give up.
@@ -412,13 +496,16 @@ impl<'a> Sim<'a> {
         Ok(())
     }
 
-    /// Session `id` got a GPU on `node` at `at` after waiting `waited` ms: it connects and
-    /// plays at once, as its agent would report, and ends after its length.
+    /// Session `id` got a GPU (`p`) at `at` after waiting `waited` ms (in the engine's queue
+    /// when `queued`): it connects and plays at once, as its agent would report, or once its
+    /// game has started when warm pools are kept and it found no warm instance; it ends after
+    /// its length.
     fn placed(
         &mut self,
         id: SessionId,
-        node: NodeId,
+        p: Placement,
         waited: u64,
+        queued: bool,
         at: u64,
     ) -> Result<(), SimError> {
         let Some(s) = self.live.get_mut(&id) else {
@@ -439,11 +526,48 @@ impl<'a> Sim<'a> {
             *c += 1;
         }
         self.needed_fb_mb += tier_fb(&self.tiers, s.tier);
+        s.placed_ms = at;
+        let start = match &mut self.pools {
+            Some(pools) => {
+                let (site, start) =
+                    pools.placed(&self.engine, &p, s.key, queued, at, &mut self.calendar);
+                s.site = site;
+                start
+            }
+            None => Start::Now,
+        };
+        if let Start::After(ms) = start {
+            // The agent reports the session launching; the player plays once it is up.
+            let _ = self.engine.observe_session(
+                &p.node,
+                1,
+                &id,
+                SessionState::Connecting,
+                Self::now(at),
+            );
+            self.calendar
+                .push(at.saturating_add(ms), Event::Launched(id));
+        }
+        s.node = Some(p.node);
+        if start == Start::Now {
+            self.play(id, at);
+        }
+        Ok(())
+    }
+
+    /// Session `id`'s player plays from `at`: the session is active and ends after its
+    /// length.
+    fn play(&mut self, id: SessionId, at: u64) {
+        let Some(s) = self.live.get(&id) else {
+            return;
+        };
+        let Some(node) = &s.node else {
+            return;
+        };
         let now = Self::now(at);
         for state in [SessionState::Connecting, SessionState::Active] {
-            let _ = self.engine.observe_session(&node, 1, &id, state, now);
+            let _ = self.engine.observe_session(node, 1, &id, state, now);
         }
-        s.node = Some(node);
         let end = at.saturating_add(s.length_ms.max(1));
         // A player whose stream drops and who never comes back releases nothing: the
         // session ends when the broker's reconnect grace runs out.
@@ -465,7 +589,6 @@ impl<'a> Sim<'a> {
         if !gone {
             self.calendar.push(end, Event::End(id));
         }
-        Ok(())
     }
 
     fn observe(&mut self, id: SessionId, state: SessionState, at: u64) {
@@ -493,6 +616,15 @@ impl<'a> Sim<'a> {
             {
                 *self.stats.ended.entry("released".into()).or_default() += 1;
             }
+            self.freed(&s, at);
+        }
+    }
+
+    /// Session `s` (with warm pools) ended: its agent may use the slot.
+    fn freed(&mut self, s: &Live, at: u64) {
+        if let (Some(p), Some(site)) = (&mut self.pools, s.site) {
+            let held = at.saturating_sub(s.placed_ms);
+            p.ended(&self.engine, site, s.key, held, at, &mut self.calendar);
         }
     }
 
@@ -512,7 +644,7 @@ impl<'a> Sim<'a> {
                         continue;
                     };
                     if let Some(q) = s.queued_at.take() {
-                        self.placed(p.session_id, p.node, at.saturating_sub(q), at)?;
+                        self.placed(p.session_id, p, at.saturating_sub(q), true, at)?;
                     }
                 }
                 EngineEvent::Ended {
@@ -522,6 +654,7 @@ impl<'a> Sim<'a> {
                         && s.queued_at.is_none()
                     {
                         self.untally(s.tier);
+                        self.freed(&s, at);
                     }
                     *self.stats.ended.entry(reason.to_string()).or_default() += 1;
                 }
@@ -534,18 +667,25 @@ impl<'a> Sim<'a> {
         let s = self.engine.stats();
         // The engine counts compute in thousandths of a sixteenth of a GPU.
         let compute_total = self.gpus as u64 * 16 * 1000;
-        let sample = Sample {
+        // The engine counts the warm instances it holds as used framebuffer; the sample's is
+        // the sessions'.
+        let warm_fb = self.pools.as_ref().map_or(0, Pools::reported_fb_mb);
+        let mut sample = Sample {
             t_s: at / 1000,
             sessions: s.sessions as u64,
             queued: s.queued as u64,
             gpus_in_use: s.gpus_in_use as u64,
-            framebuffer: ratio(s.fb_used_mb, s.fb_total_mb),
+            framebuffer: ratio(s.fb_used_mb.saturating_sub(warm_fb), s.fb_total_mb),
             encoder: ratio(s.encoder_used, s.encoder_total),
             compute: ratio(s.compute_used, compute_total),
             fragmentation: ratio(s.fb_stranded_mb, s.fb_total_mb),
             real_use: ratio(self.needed_fb_mb, s.fb_of_gpus_in_use_mb),
             max_sessions_per_gpu: u64::from(s.max_sessions_per_gpu),
+            ..Sample::default()
         };
+        if let Some(p) = &mut self.pools {
+            p.sample(&mut sample, s.fb_total_mb);
+        }
         if sample.framebuffer >= self.peak.sample.framebuffer {
             self.peak = PeakSample {
                 sample: sample.clone(),
@@ -576,6 +716,7 @@ impl<'a> Sim<'a> {
             }
         };
         let peak = self.peak.sample;
+        let pools = self.pools.as_ref().map(Pools::figures);
         let mut report = Report {
             schema: crate::report::SCHEMA,
             scenario: scenario.name.clone(),
@@ -617,6 +758,10 @@ impl<'a> Sim<'a> {
             queue_wait_cdf: crate::report::cdf(&self.waits, 1000.0),
             ..Report::default()
         };
+        report.pools = "none".into();
+        if let Some(figures) = pools {
+            figures.fill(&mut report);
+        }
         report.slo = SloCheck::all(&scenario.slo, &report);
         report.ok = report.slo.iter().all(|c| c.ok);
         Ok(report)

@@ -346,3 +346,133 @@ fn plan_finds_a_fleet_and_says_when_none_will_do() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--slo p99"));
 }
+
+/// Runs `sim` with `args` and returns the JSON report and the summary.
+fn sim_json(args: &[&str]) -> (serde_json::Value, String) {
+    let bin = env!("CARGO_BIN_EXE_framecast-loadtest");
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let out = Command::new(bin)
+        .arg("sim")
+        .args(args)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.code().is_some_and(|c| c <= 1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (report, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn a_fixed_warm_buffer_gives_warm_hits_and_cold_start_waits_and_is_deterministic() {
+    let smoke = scenario("smoke");
+    let args = [smoke.to_str().unwrap(), "--pools", "fixed"];
+    let (mut a, summary) = sim_json(&args);
+    let (mut b, _) = sim_json(&args);
+    for r in [&mut a, &mut b] {
+        r["wall_seconds"] = 0.into();
+        r["placements_per_wall_second"] = 0.into();
+    }
+    assert_eq!(a, b, "same scenario, seed and pools, same report");
+    assert_eq!(a["pools"], "fixed");
+    let hits = a["warm_hits"].as_u64().unwrap();
+    let colds = a["cold_starts"].as_u64().unwrap();
+    assert!(hits > 0, "{summary}");
+    assert_eq!(hits + colds, a["placed"].as_u64().unwrap());
+    let ratio = a["warm_hit_ratio"].as_f64().unwrap();
+    assert!((ratio - hits as f64 / (hits + colds) as f64).abs() < 1e-9);
+    // Cold-started players waited for their game: 30 s, or the rest of a start under way.
+    let waits = &a["cold_start_wait_s"];
+    assert_eq!(waits["count"].as_u64().unwrap(), colds);
+    assert!(
+        colds > 0 && waits["max"].as_f64().unwrap() <= 30.1,
+        "{waits}"
+    );
+    assert!(waits["p50"].as_f64().unwrap() > 0.0);
+    assert_eq!(a["reprofiles"], 0, "the fixed buffer never re-profiles");
+    // The timeline shows the idle warm instances and what they hold.
+    let timeline = a["timeline"].as_array().unwrap();
+    assert!(
+        timeline
+            .iter()
+            .any(|s| s["warm_idle"].as_u64().unwrap() > 0)
+    );
+    assert!(
+        timeline
+            .iter()
+            .all(|s| (0.0..=1.0).contains(&s["warm_idle_share"].as_f64().unwrap()))
+    );
+    assert!(timeline.iter().any(|s| s["warm_hit_ratio"].is_f64()));
+    assert!(summary.contains("warm pools       fixed:"), "{summary}");
+    assert!(summary.contains("cold start (s)"), "{summary}");
+
+    // Without pools nobody waits for a game, and the summary says nothing of warm figures.
+    let (none, summary) = sim_json(&[smoke.to_str().unwrap()]);
+    assert_eq!(none["pools"], "none");
+    assert_eq!(none["warm_hits"], 0);
+    assert_eq!(none["cold_start_wait_s"]["count"], 0);
+    assert!(none.get("warm_hit_ratio").is_none());
+    assert!(!summary.contains("warm pools"), "{summary}");
+}
+
+#[test]
+fn the_pool_planner_keeps_players_warm_with_a_bounded_idle_buffer() {
+    // A fleet that holds its load, two simulated hours (the planner learns the demand in the
+    // first minutes).
+    let (r, summary) = sim_json(&[scenario("pools").to_str().unwrap(), "--pools", "planner"]);
+    assert_eq!(r["pools"], "planner");
+    let ratio = r["warm_hit_ratio"].as_f64().unwrap();
+    assert!(ratio >= 0.85, "warm-hit ratio {ratio}: {summary}");
+    let timeline = r["timeline"].as_array().unwrap();
+    let peak_idle = timeline
+        .iter()
+        .map(|s| s["warm_idle_share"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert!(
+        peak_idle > 0.0 && peak_idle <= 0.15,
+        "idle warm share {peak_idle}: {summary}"
+    );
+    assert!((r["peak_warm_idle_share"].as_f64().unwrap() - peak_idle).abs() < 1e-9);
+    assert_eq!(r["rejected"].as_object().unwrap().len(), 0, "{summary}");
+}
+
+#[test]
+fn bad_pools_values_name_the_field() {
+    let bin = env!("CARGO_BIN_EXE_framecast-loadtest");
+    let dir = tempfile::tempdir().unwrap();
+    let smoke = std::fs::read_to_string(scenario("smoke")).unwrap();
+    for (pools, want) in [
+        ("policy = \"best\"", "policy"),
+        ("launch_s = 0", "pools.launch_s = 0: must be 1..=3600"),
+        ("fixed_per_key = 0", "pools.fixed_per_key = 0"),
+        ("round_every_s = 0", "pools.round_every_s = 0"),
+        ("warm = 3", "warm"),
+    ] {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, format!("{smoke}\n[pools]\n{pools}\n")).unwrap();
+        let out = Command::new(bin).arg("sim").arg(&path).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{pools}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{pools}: {err}");
+    }
+    let out = Command::new(bin)
+        .args([
+            "sim",
+            scenario("smoke").to_str().unwrap(),
+            "--pools",
+            "some",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--pools") && err.contains("none, fixed, planner"),
+        "{err}"
+    );
+}
