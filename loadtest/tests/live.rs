@@ -11,6 +11,9 @@
     clippy::indexing_slicing
 )]
 
+mod common;
+
+use common::fake_broker;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -20,7 +23,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use indicatif::ProgressBar;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use framecast_broker::dev::{DevOptions, start_dev};
 use framecast_loadtest::live::{self, LiveOptions};
@@ -376,54 +378,4 @@ async fn get(addr: SocketAddr, key: &str, path: &str) -> serde_json::Value {
         .unwrap();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body:?}"))
-}
-
-/// A broker that answers each request with `answer(method, path)`: a status and a JSON body,
-/// over keep-alive connections. Only what the client sends is parsed: a head and a
-/// `content-length` body.
-async fn fake_broker(answer: fn(&str, &str) -> (u16, String)) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        let mut chunk = [0u8; 4096];
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                    let length: usize = head
-                        .lines()
-                        .filter_map(|l| l.split_once(':'))
-                        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-                        .map_or(0, |(_, v)| v.trim().parse().unwrap());
-                    while buf.len() < end + 4 + length {
-                        let mut chunk = [0u8; 4096];
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    buf.drain(..end + 4 + length);
-                    let mut words = head.split_whitespace();
-                    let (method, path) = (words.next().unwrap(), words.next().unwrap());
-                    let (status, body) = answer(method, path);
-                    let reply = format!(
-                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    if s.write_all(reply.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
 }
