@@ -8,8 +8,8 @@
 //! taken in; every minute the fleet's use is sampled for the timeline.
 //!
 //! With warm pools (`[pools] policy`, `--pools`), simulated node agents keep warm game
-//! instances as their pool plans ask (see [`pools`]): a player placed on one starts at once, any
-//! other waits `launch_s` for its game to start.
+//! instances as their pool plans ask (see the `pools` module): a player placed on one starts
+//! at once, any other waits `launch_s` for its game to start.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
