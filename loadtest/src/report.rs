@@ -419,23 +419,29 @@ impl Report {
         }
         if fleet_run && !self.pools.is_empty() && self.pools != "none" {
             let c = &self.cold_start_wait_s;
+            // `live` reads the broker's counters: it knows no queueing split and no waits.
+            let unqueued = self
+                .warm_hit_ratio_unqueued
+                .map(|r| format!(" ({} without queueing)", percent(Some(r))))
+                .unwrap_or_default();
             let _ = writeln!(
                 s,
-                "warm pools       {}: {} warm hits, {} cold starts, warm-hit ratio {} ({} without queueing); idle warm capacity {:.1}% mean, {:.1}% peak; {} re-profiles",
+                "warm pools       {}: {} warm hits, {} cold starts, warm-hit ratio {}{unqueued}; idle warm capacity {:.1}% mean, {:.1}% peak; {} re-profiles",
                 self.pools,
                 self.warm_hits,
                 self.cold_starts,
                 percent(self.warm_hit_ratio),
-                percent(self.warm_hit_ratio_unqueued),
                 100.0 * self.mean_warm_idle_share,
                 100.0 * self.peak_warm_idle_share,
                 self.reprofiles
             );
-            let _ = writeln!(
-                s,
-                "cold start (s)   p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}  ({} cold-started players; {} starting warm instances pre-empted)",
-                c.p50, c.p90, c.p99, c.max, c.count, self.warm_preempted
-            );
+            if c.count > 0 {
+                let _ = writeln!(
+                    s,
+                    "cold start (s)   p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}  ({} cold-started players; {} starting warm instances pre-empted)",
+                    c.p50, c.p90, c.p99, c.max, c.count, self.warm_preempted
+                );
+            }
         }
         if self.reconnects + self.broker_restarts > 0 {
             let _ = writeln!(

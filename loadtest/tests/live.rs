@@ -116,6 +116,62 @@ fn sim_and_live_agree_on_the_smoke_scenario() {
     assert_eq!(r.queue_wait_s.count, r.placed);
 }
 
+/// `live` runs the broker's real pool planner when the scenario asks for warm pools: its
+/// agents build the plans' warm instances, sessions land on them, and the report carries the
+/// broker's warm hits, cold starts and the idle warm capacity over time; with `--pools none`
+/// the planner is off and nothing is kept warm.
+#[test]
+fn the_tools_own_broker_runs_the_pool_planner_the_scenario_asks_for() {
+    let mut scenario = load("pools.toml");
+    // Its first half hour, in 30 wall seconds (as the smoke test runs: faster, the scaled
+    // node-loss timers of a busy 2-core machine start losing nodes); the planner's round is
+    // 0.2 s of wall time, 12 simulated seconds.
+    scenario.duration_s = 1800;
+    let opts = LiveOptions {
+        speed: 60.0,
+        ..LiveOptions::default()
+    };
+    let r = live::run(&scenario, &opts, &ProgressBar::hidden()).unwrap();
+    eprintln!("{}", r.summary());
+    assert_eq!(r.pools, "planner");
+    assert!(r.placed > 150, "{}", r.placed);
+    // The broker's counters, as of its last round before the end: at most every placement.
+    let counted = r.warm_hits + r.cold_starts;
+    assert!(
+        counted <= r.placed && counted * 10 >= r.placed * 9,
+        "{} warm hits + {} cold starts against {} placed",
+        r.warm_hits,
+        r.cold_starts,
+        r.placed
+    );
+    // The first players of each game and tier find nothing warm; once the planner has seen
+    // them, most do.
+    assert!(r.cold_starts > 0, "{}", r.cold_starts);
+    let ratio = r.warm_hit_ratio.unwrap();
+    assert!(ratio > 0.5, "warm-hit ratio {ratio}");
+    assert!(
+        r.timeline
+            .iter()
+            .any(|s| s.warm_idle > 0 && s.warm_planned > 0),
+        "no sample saw warm instances"
+    );
+    assert!(r.peak_warm_idle_share > 0.0 && r.peak_warm_idle_share < 0.5);
+    assert!(r.mean_warm_idle_share <= r.peak_warm_idle_share);
+    assert!(
+        r.timeline.iter().any(|s| s.warm_hit_ratio.is_some()),
+        "no per-minute warm-hit ratio"
+    );
+
+    let off = LiveOptions {
+        pools: Some(framecast_loadtest::scenario::PoolPolicy::None),
+        ..opts
+    };
+    let r = live::run(&scenario, &off, &ProgressBar::hidden()).unwrap();
+    assert_eq!(r.pools, "none");
+    assert_eq!((r.warm_hits, r.cold_starts, r.warm_hit_ratio), (0, 0, None));
+    assert!(r.timeline.iter().all(|s| s.warm_idle == 0));
+}
+
 #[test]
 fn an_existing_broker_is_driven_and_left_without_sessions() {
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -13,8 +13,8 @@ use hyper::{Method, StatusCode};
 use framecast_broker::dev::{Dev, DevOptions, Tune, start_dev};
 use framecast_shared::ids::{NodeId, SessionId};
 
-use super::plan::{Plan, Target, scale_timers};
-use super::tally::PoolBody;
+use super::plan::{Plan, Target, plan_pools, scale_timers};
+use super::tally::{PlanBody, PoolBody};
 use super::{Ctx, LiveError};
 use crate::http_client::{self, Api, Fleet, FleetError, problem_detail};
 use crate::report::Sample;
@@ -77,13 +77,17 @@ impl Deployment {
                     OwnDir(d.join(format!("framecast-live-{}", uuid::Uuid::new_v4().simple())))
                 });
                 let (speed, wall) = (plan.speed, plan.wall_length());
+                let pools = plan.pools.clone();
                 let options = DevOptions {
                     nodes: *nodes,
                     gpus_toml: gpus_toml.clone(),
                     http: SocketAddr::from(([127, 0, 0, 1], 0)),
                     data_dir: own_dir.as_ref().map(|d| d.0.clone()),
                     api_key: api_key.clone(),
-                    tune: Some(Tune::new(move |c| scale_timers(c, speed, wall))),
+                    tune: Some(Tune::new(move |c| {
+                        scale_timers(c, speed, wall);
+                        plan_pools(c, &pools, speed);
+                    })),
                 };
                 let dev = start_dev(options)
                     .await
@@ -207,17 +211,21 @@ pub(crate) async fn sample_at(ctx: &Ctx, at_ms: u64) -> Option<Sample> {
         return None;
     }
     let nodes = http_client::nodes(&ctx.polls).await.ok();
-    let pools = list::<PoolBody>(&ctx.polls, "/v1/pools").await;
+    let pools = read::<Vec<PoolBody>>(&ctx.polls, "/v1/pools").await;
     if nodes.is_none() && pools.is_none() {
         return None;
     }
-    Some(
-        ctx.tally()
-            .sample(at_ms / 1000, nodes.as_deref(), pools.as_deref()),
-    )
+    // Operators only: without it the run has no warm figures.
+    let plan = read::<PlanBody>(&ctx.polls, "/v1/pools/plan").await;
+    Some(ctx.tally().sample(
+        at_ms / 1000,
+        nodes.as_deref(),
+        pools.as_deref(),
+        plan.as_ref(),
+    ))
 }
 
-async fn list<T: serde::de::DeserializeOwned>(api: &Api, path: &str) -> Option<Vec<T>> {
+async fn read<T: serde::de::DeserializeOwned>(api: &Api, path: &str) -> Option<T> {
     let reply = api.call(Method::GET, path, None, None).await.ok()?;
     if reply.status != StatusCode::OK {
         return None;

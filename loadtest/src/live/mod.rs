@@ -94,6 +94,11 @@ pub struct LiveOptions {
     /// disk's fsync out of the figures.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Who keeps warm game instances, instead of the scenario's `[pools] policy`: `none`,
+    /// `fixed` or `planner`. The tool's own broker runs its pool planner to match; an existing
+    /// broker's planner is as it is configured.
+    #[arg(long, value_name = "POLICY")]
+    pub pools: Option<crate::scenario::PoolPolicy>,
 }
 
 impl Default for LiveOptions {
@@ -106,6 +111,7 @@ impl Default for LiveOptions {
             games: Vec::new(),
             max_nodes: 64,
             data_dir: None,
+            pools: None,
         }
     }
 }
@@ -356,12 +362,17 @@ async fn drive(
         speed: plan.speed,
     };
     let end = clock.wall(plan.duration_ms);
+    let mut tally = Tally::new();
+    // An existing broker's policy is read from its plan as the run goes.
+    if matches!(plan.target, Target::Own { .. }) {
+        tally.pools = plan.pools.policy.as_str().into();
+    }
     let ctx = Arc::new(Ctx {
         api,
         polls,
         clock,
         end,
-        tally: Mutex::new(Tally::new()),
+        tally: Mutex::new(tally),
         end_tx,
         ending,
         up_tx,

@@ -13,7 +13,7 @@ use framecast_shared::config::inventory::{SimulatedGpuGroup, SimulatedGpus};
 use framecast_shared::ids::{GameId, GenreName};
 
 use super::{GameFor, LiveError, LiveOptions};
-use crate::scenario::{Arrivals, Fault, Scenario};
+use crate::scenario::{Arrivals, Fault, PoolPolicy, Pools, Scenario};
 
 /// The fastest time compression accepted: beyond it the broker's timers (whole seconds, a
 /// 200 ms driver tick) no longer resolve a simulated minute.
@@ -43,6 +43,10 @@ pub(crate) struct Plan {
     pub queue: bool,
     /// The scenario's simulated length, ms.
     pub duration_ms: u64,
+    /// Who keeps warm instances (the scenario's `[pools]`, `--pools` applied): the tool's own
+    /// broker runs its pool planner to match ([`plan_pools`]); an existing broker plans as it
+    /// is configured.
+    pub pools: Pools,
 }
 
 /// The broker a run talks to.
@@ -140,6 +144,10 @@ impl Plan {
                 own
             }
         };
+        let mut pools = scenario.pools.clone();
+        if let Some(policy) = opts.pools {
+            pools.policy = policy;
+        }
         Ok(Self {
             target,
             speed,
@@ -147,6 +155,7 @@ impl Plan {
             connections: opts.connections,
             queue: scenario.demand.queue,
             duration_ms: scenario.duration_s.saturating_mul(1000),
+            pools,
         })
     }
 
@@ -200,9 +209,6 @@ impl Clock {
 pub(crate) fn scale_timers(config: &mut BrokerConfig, speed: f64, run: Duration) {
     let keep = u32::try_from(run.as_secs().saturating_add(KEEP_MARGIN_S).min(MAX_KEEP_S))
         .unwrap_or(u32::MAX);
-    // Warm pools are not modelled by `live` (sim's default `none`): without them its counts
-    // compare with `sim`'s, and no slot is held by an idle warm instance.
-    config.planner.enabled = false;
     let t = &mut config.timers;
     t.reservation_ttl_s = keep;
     t.idle_timeout_s = keep;
@@ -218,6 +224,49 @@ pub(crate) fn scale_timers(config: &mut BrokerConfig, speed: f64, run: Duration)
     c.node_lost_grace_ms = scaled(c.node_lost_grace_ms, speed, 1);
     for tier in config.tiers.values_mut() {
         tier.max_session_s = None;
+    }
+}
+
+/// Sets the broker's pool planner for `pools` at `speed`, as `sim` models the policy:
+///
+/// - `none`: the planner is off; no slot is held by an idle warm instance.
+/// - `fixed`: the planner keeps exactly `fixed_per_key` warm instances per tier and game that
+///   has had demand (its `min_warm` = `max_warm`), never more, never fewer.
+/// - `planner`: the scenario's `[pools.planner]` settings over the broker's defaults.
+///
+/// Its round, demand windows and launch time are divided by the speed (within the broker's
+/// bounds). The learned daily profile is switched off: its hours are the wall clock's, which a
+/// compressed day does not follow. No webhook.
+pub(crate) fn plan_pools(config: &mut BrokerConfig, pools: &Pools, speed: f64) {
+    let p = &mut config.planner;
+    p.enabled = pools.policy != PoolPolicy::None;
+    let d = framecast_broker::planner::PlannerConfig::default();
+    let k = &pools.planner;
+    // The broker's rounds are 0.2 s at the shortest (its driver's tick).
+    p.round_every_s = (pools.round_every_s as f64 / speed).max(0.2);
+    p.short_window_s = (d.short_window.as_secs_f64() / speed).max(p.round_every_s);
+    p.long_window_s = (d.long_window.as_secs_f64() / speed).max(p.short_window_s);
+    p.launch_time_s = (pools.launch_s as f64 / speed).clamp(0.1, 3600.0);
+    p.daily_profile = false;
+    p.webhook_url = None;
+    match pools.policy {
+        PoolPolicy::None => {}
+        PoolPolicy::Fixed => {
+            p.safety_z = 0.0;
+            p.min_warm = pools.fixed_per_key;
+            p.max_warm = pools.fixed_per_key;
+        }
+        PoolPolicy::Planner => {
+            p.safety_z = k.safety_z.unwrap_or(d.safety_z);
+            p.min_warm = k.min_warm.unwrap_or(d.min_warm);
+            p.max_warm = k.max_warm.unwrap_or(d.max_warm);
+            p.max_changes_per_round = k
+                .max_changes_per_round
+                .map_or(p.max_changes_per_round, |n| {
+                    u32::try_from(n).unwrap_or(u32::MAX)
+                });
+            p.hysteresis_rounds = k.hysteresis_rounds.unwrap_or(p.hysteresis_rounds);
+        }
     }
 }
 
@@ -639,6 +688,58 @@ genres = {{ fps = 1, rpg = 1 }}
         scale_timers(&mut real, 1.0, Duration::from_secs(3600));
         assert_eq!(real.timers.queue_timeout_s, 120);
         assert_eq!(real.control.down_after_ms, 10_000);
+    }
+
+    #[test]
+    fn the_pool_policy_sets_the_brokers_planner_at_the_runs_speed() {
+        let pools = |policy: &str, knobs: &str| {
+            let mut s = scenario(
+                ONE,
+                &format!("[pools]\npolicy = \"{policy}\"\nfixed_per_key = 7\n{knobs}"),
+            );
+            s.pools.policy = policy.parse().unwrap();
+            s.pools
+        };
+        let planned = |p: &Pools, speed: f64| {
+            let mut c = BrokerConfig::default();
+            plan_pools(&mut c, p, speed);
+            let mut errors = Vec::new();
+            framecast_shared::config::Validate::validate(&c, &mut errors);
+            assert!(errors.is_empty(), "{errors:?}");
+            c.planner
+        };
+        assert!(!planned(&pools("none", ""), 60.0).enabled);
+
+        let fixed = planned(&pools("fixed", ""), 60.0);
+        assert!(fixed.enabled);
+        assert_eq!(
+            (fixed.min_warm, fixed.max_warm, fixed.safety_z),
+            (7, 7, 0.0)
+        );
+
+        let p = planned(
+            &pools(
+                "planner",
+                "[pools.planner]\nsafety_z = 3\nmax_changes_per_round = 40\n",
+            ),
+            60.0,
+        );
+        assert!(p.enabled && !p.daily_profile && p.webhook_url.is_none());
+        assert_eq!((p.safety_z, p.max_changes_per_round), (3.0, 40));
+        // A 10 s round is 0.2 s at speed 60 (1/6 s, raised to the broker's tick); windows
+        // and launch divided by the speed.
+        assert!((p.round_every_s - 0.2).abs() < 1e-9, "{}", p.round_every_s);
+        assert!(
+            (p.short_window_s - 5.0).abs() < 1e-9,
+            "{}",
+            p.short_window_s
+        );
+        assert!((p.launch_time_s - 0.5).abs() < 1e-9, "{}", p.launch_time_s);
+        // At real time, the scenario's own figures.
+        let real = planned(&pools("planner", ""), 1.0);
+        assert!(
+            (real.round_every_s - 10.0).abs() < 1e-9 && (real.launch_time_s - 30.0).abs() < 1e-9
+        );
     }
 
     #[test]

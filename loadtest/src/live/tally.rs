@@ -59,6 +59,24 @@ pub(crate) struct Tally {
     /// Framebuffer the held sessions' tiers need, MB (for the real use of the samples).
     needed_fb_mb: u64,
     tier_fb: BTreeMap<String, u64>,
+    /// Who kept warm instances (`none`, `fixed`, `planner`): the policy the tool's own broker
+    /// plans with, or, against an existing broker, `planner` once its plan reads enabled.
+    pub pools: String,
+    /// The broker's pool counters summed over its restarts (each restart counts from 0).
+    warm: WarmCounts,
+    /// The totals at the previous sample, for the per-minute warm-hit ratio.
+    warm_at_last_sample: WarmCounts,
+    /// The counters as the broker last reported them (since its start).
+    warm_reported: WarmCounts,
+}
+
+/// The broker's pool counters: placements on a warm instance, placements without one, and
+/// GPUs steered away for a re-profile.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct WarmCounts {
+    hits: u64,
+    cold: u64,
+    steered: u64,
 }
 
 impl Tally {
@@ -88,7 +106,30 @@ impl Tally {
                 .into_iter()
                 .map(|t| (t.name.to_string(), t.framebuffer.megabytes().get()))
                 .collect(),
+            pools: String::new(),
+            warm: WarmCounts::default(),
+            warm_at_last_sample: WarmCounts::default(),
+            warm_reported: WarmCounts::default(),
         }
+    }
+
+    /// The broker's pool counters as `GET /v1/pools/plan` reports them now. They count from
+    /// its start: a value below the last one means it restarted, and the last ones are kept.
+    fn observe_warm(&mut self, c: &PlanCounters) {
+        let now = WarmCounts {
+            hits: c.warm_hits,
+            cold: c.cold_starts,
+            steered: c.steered,
+        };
+        let was = self.warm_reported;
+        let restarted = now.hits < was.hits || now.cold < was.cold || now.steered < was.steered;
+        let base = |total: u64, was: u64| if restarted { total } else { total - was };
+        self.warm = WarmCounts {
+            hits: base(self.warm.hits, was.hits) + now.hits,
+            cold: base(self.warm.cold, was.cold) + now.cold,
+            steered: base(self.warm.steered, was.steered) + now.steered,
+        };
+        self.warm_reported = now;
     }
 
     /// A request was answered `latency` after its due time, `since_start` into the run.
@@ -132,13 +173,14 @@ impl Tally {
         self.rejected(no_answer(kind));
     }
 
-    /// The fleet at `t_s` from the broker's node and pool lists (either may be missing: the
-    /// tenant may not list nodes).
+    /// The fleet at `t_s` from the broker's node and pool lists and its pool plan (any may be
+    /// missing: the tenant may not list nodes or read the plan).
     pub(crate) fn sample(
-        &self,
+        &mut self,
         t_s: u64,
         nodes: Option<&[NodeBody]>,
         pools: Option<&[PoolBody]>,
+        plan: Option<&PlanBody>,
     ) -> Sample {
         let mut s = Sample {
             t_s,
@@ -147,6 +189,21 @@ impl Tally {
         if let Some(pools) = pools {
             s.queued = pools.iter().map(|p| p.queued).sum();
             s.sessions = pools.iter().map(|p| p.reserved + p.active).sum();
+            s.warm_idle = pools.iter().map(|p| p.warm).sum();
+        }
+        if let Some(plan) = plan {
+            if plan.enabled && self.pools.is_empty() {
+                self.pools = "planner".into();
+            }
+            s.warm_planned = plan.targets.iter().map(|t| t.planned_warm).sum();
+            if let Some(c) = &plan.counters {
+                self.observe_warm(c);
+            }
+            let (was, now) = (self.warm_at_last_sample, self.warm);
+            let placed = (now.hits + now.cold).saturating_sub(was.hits + was.cold);
+            s.warm_hit_ratio =
+                (placed > 0).then(|| now.hits.saturating_sub(was.hits) as f64 / placed as f64);
+            self.warm_at_last_sample = now;
         }
         if let Some(nodes) = nodes {
             let gpus = nodes
@@ -176,6 +233,12 @@ impl Tally {
             s.framebuffer = ratio(fb_used as f64, fb as f64);
             s.encoder = ratio(enc_used, enc);
             s.real_use = ratio(self.needed_fb_mb as f64, fb_in_use as f64).min(1.0);
+            let warm_fb: u64 = pools
+                .unwrap_or_default()
+                .iter()
+                .map(|p| p.warm * self.tier_fb.get(&p.tier).copied().unwrap_or(0))
+                .sum();
+            s.warm_idle_share = ratio(warm_fb as f64, fb as f64);
         }
         s
     }
@@ -205,6 +268,11 @@ impl Tally {
         };
         let latency =
             (!self.latency.is_empty()).then(|| Percentiles::scaled(&self.latency, 1000.0));
+        let warm_idle_mean = mean(|s| s.warm_idle_share);
+        let warm_idle_peak = timeline
+            .iter()
+            .map(|s| s.warm_idle_share)
+            .fold(0.0, f64::max);
         let mut r = Report {
             schema: report::SCHEMA,
             scenario: scenario.name.clone(),
@@ -240,6 +308,17 @@ impl Tally {
                 .then(|| self.latency.len() as f64 / self.last_answer.as_secs_f64()),
             ..Report::default()
         };
+        r.pools = self.pools.clone();
+        if !self.pools.is_empty() && self.pools != "none" {
+            let w = self.warm;
+            r.warm_hits = w.hits;
+            r.cold_starts = w.cold;
+            r.warm_hit_ratio =
+                (w.hits + w.cold > 0).then(|| w.hits as f64 / (w.hits + w.cold) as f64);
+            r.reprofiles = w.steered;
+            r.mean_warm_idle_share = warm_idle_mean;
+            r.peak_warm_idle_share = warm_idle_peak;
+        }
         r.slo = SloCheck::all(&scenario.slo, &r);
         r.ok = r.slo.iter().all(|c| c.ok);
         r
@@ -249,6 +328,12 @@ impl Tally {
 /// A pool of `GET /v1/pools`.
 #[derive(Debug, Clone, Deserialize)]
 pub(crate) struct PoolBody {
+    /// Its tier.
+    #[serde(default)]
+    pub tier: String,
+    /// Idle warm game instances of the tier.
+    #[serde(default)]
+    pub warm: u64,
     /// Sessions reserved.
     #[serde(default)]
     pub reserved: u64,
@@ -258,6 +343,42 @@ pub(crate) struct PoolBody {
     /// Requests waiting.
     #[serde(default)]
     pub queued: u64,
+}
+
+/// `GET /v1/pools/plan`: the pool planner's last round (operators only).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub(crate) struct PlanBody {
+    /// Whether the planner runs.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Its counters since the broker started; null while it is off.
+    #[serde(default)]
+    pub counters: Option<PlanCounters>,
+    /// Per region, tier and game.
+    #[serde(default)]
+    pub targets: Vec<PlanTarget>,
+}
+
+/// The counters of `GET /v1/pools/plan`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub(crate) struct PlanCounters {
+    /// Placements on a warm instance.
+    #[serde(default)]
+    pub warm_hits: u64,
+    /// Placements without one.
+    #[serde(default)]
+    pub cold_starts: u64,
+    /// GPUs steered away to be re-profiled.
+    #[serde(default)]
+    pub steered: u64,
+}
+
+/// A target of `GET /v1/pools/plan`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub(crate) struct PlanTarget {
+    /// Warm instances the plans sent ask for.
+    #[serde(default)]
+    pub planned_warm: u64,
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -294,7 +415,7 @@ mod tests {
         .unwrap();
         let pools: Vec<PoolBody> =
             serde_json::from_str(r#"[{"reserved":2,"active":0,"queued":1},{"queued":0}]"#).unwrap();
-        let sample = t.sample(60, Some(&nodes), Some(&pools));
+        let sample = t.sample(60, Some(&nodes), Some(&pools), None);
         assert_eq!(
             (
                 sample.sessions,
