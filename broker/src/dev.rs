@@ -94,8 +94,32 @@ pub struct Dev {
 #[derive(Debug)]
 struct DevAgent {
     node: NodeId,
+    /// What it was started with, to start it again.
+    config: AgentConfig,
     stop: watch::Sender<bool>,
     task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl DevAgent {
+    /// Starts an agent with `config` as a task of its own.
+    fn start(node: NodeId, config: AgentConfig) -> Self {
+        let (stop, stop_rx) = watch::channel(false);
+        let run = config.clone();
+        Self {
+            node,
+            config,
+            stop,
+            task: tokio::spawn(
+                async move { framecast_agent::run::run_until(run, None, stop_rx).await },
+            ),
+        }
+    }
+
+    /// Asks it to stop and waits (bounded) for it to end.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.task).await;
+    }
 }
 
 impl Dev {
@@ -116,8 +140,7 @@ impl Dev {
     /// Stops the agents, then the broker.
     pub async fn stop(self) {
         for a in self.agents {
-            let _ = a.stop.send(true);
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), a.task).await;
+            a.stop().await;
         }
         if let Some(b) = self.broker {
             b.stop().await;
@@ -157,10 +180,22 @@ impl Dev {
     /// Stops one agent as if its host went away, and waits for it to end.
     pub async fn stop_agent(&mut self, node: &NodeId) {
         if let Some(i) = self.agents.iter().position(|a| &a.node == node) {
-            let a = self.agents.remove(i);
-            let _ = a.stop.send(true);
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), a.task).await;
+            self.agents.remove(i).stop().await;
         }
+    }
+
+    /// Stops one agent and starts it again with the same configuration and data dir, as a
+    /// restarted agent process would be: it reconnects with its stored generation and adopts
+    /// what it still runs. False when there is no such agent.
+    pub async fn restart_agent(&mut self, node: &NodeId) -> bool {
+        let Some(i) = self.agents.iter().position(|a| &a.node == node) else {
+            return false;
+        };
+        let old = self.agents.remove(i);
+        let config = old.config.clone();
+        old.stop().await;
+        self.agents.insert(i, DevAgent::start(node.clone(), config));
+        true
     }
 }
 
@@ -274,15 +309,7 @@ pub async fn start_dev(options: DevOptions) -> anyhow::Result<Dev> {
         agent.whep.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         // The player's browser runs on this host, possibly with nothing but loopback.
         agent.whep.loopback_candidates = true;
-        let (stop, stop_rx) = watch::channel(false);
-        let node = NodeId::new(&name)?;
-        agents.push(DevAgent {
-            node,
-            stop,
-            task: tokio::spawn(async move {
-                framecast_agent::run::run_until(agent, None, stop_rx).await
-            }),
-        });
+        agents.push(DevAgent::start(NodeId::new(&name)?, agent));
     }
     Ok(Dev {
         broker: Some(broker),

@@ -262,6 +262,57 @@ async fn after_a_broker_restart_the_agents_get_newer_plans() {
     dev.stop().await;
 }
 
+/// An agent that restarts forgets its plan (it starts at generation 0); the broker gets its
+/// node's newest plan to it again — with the welcome, and failing that by the resend of a plan
+/// the heartbeats do not report (either path passes here) — and the agent builds it again.
+#[tokio::test]
+async fn a_restarted_agent_gets_its_nodes_plan_again() {
+    let mut dev = dev_with(2, 2, Tune::new(fast_planner)).await;
+    let addr = dev.broker().http;
+    allocate(addr, "lane-battle", "1080p", "p1").await;
+    let before = wait_for("every planned node reports its plan", || async move {
+        all_planned_nodes_report_their_plan(&get(addr, "/v1/nodes").await.json())
+    })
+    .await;
+    let (node, generation) = before[0].clone();
+    assert!(dev.restart_agent(&node.parse().unwrap()).await);
+    let node_ref = node.as_str();
+    let (sent, got) = wait_for(
+        "the restarted agent reports its node's plan",
+        || async move {
+            let nodes = get(addr, "/v1/nodes").await.json();
+            let n = nodes
+                .as_array()?
+                .iter()
+                .find(|n| n["node_id"] == node_ref && n["connected"] == true)?
+                .clone();
+            let (sent, got) = (
+                n["plan_generation_sent"].as_u64()?,
+                n["plan_generation"].as_u64()?,
+            );
+            (got > 0 && got == sent).then_some((sent, got))
+        },
+    )
+    .await;
+    assert!(
+        sent >= generation && got == sent,
+        "{generation} then sent {sent}, got {got}"
+    );
+    // And it built the plan again: warm instances of the game on the fleet.
+    wait_for("warm lane-battle instances again", || async move {
+        let pools = get(addr, "/v1/pools").await.json();
+        let pool = pools
+            .as_array()?
+            .iter()
+            .find(|p| p["tier"] == "1080p")?
+            .clone();
+        let t = target(&pool["targets"], "lane-battle", "1080p")?;
+        (t["observed_warm"].as_u64()? >= 1).then_some(())
+    })
+    .await;
+    dev.stop().await;
+}
+
 #[tokio::test]
 async fn a_disabled_planner_sends_no_plan() {
     let dev = dev_with(
