@@ -27,11 +27,14 @@ pub fn init_logging() {
 /// [`init_logging`] with another filter than `info` when `FRAMECAST_LOG` is unset or unusable
 /// (a tool that runs services in-process keeps their log down to `warn`).
 pub fn init_logging_or(default: &str) {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FRAMECAST_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
+        // Colours only on a terminal: journald, container logs and files get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }
