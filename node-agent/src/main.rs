@@ -34,6 +34,12 @@ enum Command {
     /// agent starts a game inside its limits).
     #[command(hide = true)]
     ExecInCgroup {
+        /// Run the program as this user id (after joining the cgroup).
+        #[arg(long, requires = "gid")]
+        uid: Option<u32>,
+        /// ... and this group id (supplementary groups are cleared).
+        #[arg(long, requires = "uid")]
+        gid: Option<u32>,
         /// The instance's cgroup directory.
         dir: PathBuf,
         /// The game and its arguments.
@@ -55,7 +61,12 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::CheckConfig(args) => args.run::<AgentConfig>(),
         Command::Run { config, simulate } => run(&config, simulate.as_deref()),
-        Command::ExecInCgroup { dir, program } => exec_in_cgroup(&dir, &program),
+        Command::ExecInCgroup {
+            uid,
+            gid,
+            dir,
+            program,
+        } => exec_in_cgroup(&dir, uid.zip(gid), &program),
         Command::Inventory { config, simulate } => {
             let listing = config
                 .load::<AgentConfig>()
@@ -89,7 +100,11 @@ fn main() -> ExitCode {
 }
 
 #[allow(clippy::print_stderr)] // the process's last words
-fn exec_in_cgroup(dir: &Path, program: &[std::ffi::OsString]) -> ExitCode {
+fn exec_in_cgroup(
+    dir: &Path,
+    user: Option<(u32, u32)>,
+    program: &[std::ffi::OsString],
+) -> ExitCode {
     use std::os::unix::process::CommandExt;
     let Some((program, args)) = program.split_first() else {
         eprintln!("error: exec-in-cgroup needs a program");
@@ -99,8 +114,14 @@ fn exec_in_cgroup(dir: &Path, program: &[std::ffi::OsString]) -> ExitCode {
         eprintln!("error: cannot join cgroup {}: {e}", dir.display());
         return ExitCode::from(127);
     }
+    let mut command = std::process::Command::new(program);
+    command.args(args);
+    if let Some((uid, gid)) = user {
+        // Run as root, the standard library clears the supplementary groups too.
+        command.uid(uid).gid(gid);
+    }
     // Only returns on failure; the environment and process group carry over.
-    let e = std::process::Command::new(program).args(args).exec();
+    let e = command.exec();
     eprintln!("error: cannot run {}: {e}", Path::new(program).display());
     ExitCode::from(127)
 }

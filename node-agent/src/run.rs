@@ -18,6 +18,7 @@ use framecast_shared::{ops, tls};
 use crate::core::{AgentCore, CoreGpu, InstancePolicy, Snapshot};
 use crate::encoder::EncoderSlots;
 use crate::instances::cgroup::Cgroups;
+use crate::instances::launch::GameUser;
 use crate::instances::runner;
 use crate::instances::supervisor::Backoff;
 use crate::inventory;
@@ -153,6 +154,7 @@ pub async fn run_until(
     let wake = core.wake_handle();
     let core = Arc::new(Mutex::new(core));
     let agent: Arc<Mutex<dyn AgentState>> = core.clone();
+    let game_user = game_user(&config)?;
     let cgroups = match &config.instances.cgroup_root {
         // /proc/self/exe still runs this binary after a package upgrade replaced the file.
         Some(root) => Cgroups::detect(root).with_exec_helper(PathBuf::from("/proc/self/exe")),
@@ -202,6 +204,7 @@ pub async fn run_until(
         runner::RunnerConfig {
             cgroups,
             data_dir: Some(config.data_dir.clone()),
+            game_user,
         },
         shutdown_rx.clone(),
     ));
@@ -321,4 +324,29 @@ async fn resolve(address: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("resolving broker.address {address:?}"))?
         .next()
         .with_context(|| format!("broker.address {address:?} resolves to nothing"))
+}
+
+/// The user games run as (`instances.user`), resolved on this host; a warning when games with
+/// a program would run as root.
+fn game_user(config: &AgentConfig) -> anyhow::Result<Option<GameUser>> {
+    match &config.instances.user {
+        Some(spec) => {
+            let user = GameUser::resolve(spec)?;
+            tracing::info!(
+                uid = user.uid,
+                gid = user.gid,
+                "game instances run as their own user"
+            );
+            Ok(Some(user))
+        }
+        None => {
+            if nix::unistd::geteuid().is_root() && config.games.iter().any(|g| g.command.is_some())
+            {
+                tracing::warn!(
+                    "instances.user is not set: games run as root, the agent's user, and could read its keys and change their own limits"
+                );
+            }
+            Ok(None)
+        }
+    }
 }

@@ -5,7 +5,8 @@
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
-    clippy::indexing_slicing
+    clippy::indexing_slicing,
+    clippy::print_stderr
 )]
 
 use std::collections::BTreeMap;
@@ -16,7 +17,7 @@ use tokio::time::timeout;
 use uuid::Uuid;
 
 use framecast_agent::instances::cgroup::Cgroups;
-use framecast_agent::instances::launch::{LaunchSpec, launch};
+use framecast_agent::instances::launch::{GameUser, LaunchSpec, launch};
 use framecast_shared::config::agent::AgentGameConfig;
 use framecast_shared::ids::{GameId, GpuId};
 use framecast_shared::tier::TierPreset;
@@ -55,7 +56,7 @@ async fn an_instance_finds_its_gpu_vgpu_and_tier_in_its_environment() {
     let vgpu = Uuid::new_v4();
     let gpu = GpuId::new("GPU-8f0c2a4e-1d2b-4c3d-9e8f-0a1b2c3d4e5f").unwrap();
     let spec = LaunchSpec::new("instance-1".into(), &game, &tier_720p(), &gpu, Some(vgpu));
-    let mut running = launch(&spec, &no_cgroups()).unwrap();
+    let mut running = launch(&spec, &no_cgroups(), None).unwrap();
     let exit = timeout(LIMIT, running.wait()).await.unwrap();
     assert_eq!(exit.code, Some(0));
     let env = std::fs::read_to_string(&out).unwrap();
@@ -88,7 +89,7 @@ async fn a_crash_reports_its_exit_code() {
         &GpuId::new("sim-0").unwrap(),
         None,
     );
-    let mut running = launch(&spec, &no_cgroups()).unwrap();
+    let mut running = launch(&spec, &no_cgroups(), None).unwrap();
     assert_eq!(timeout(LIMIT, running.wait()).await.unwrap().code, Some(3));
 }
 
@@ -101,7 +102,7 @@ async fn a_stopped_instance_is_killed() {
         &GpuId::new("sim-0").unwrap(),
         None,
     );
-    let mut running = launch(&spec, &no_cgroups()).unwrap();
+    let mut running = launch(&spec, &no_cgroups(), None).unwrap();
     assert!(running.pid().is_some());
     running.stop().await;
     assert_eq!(
@@ -122,7 +123,7 @@ async fn the_synthetic_game_runs_until_stopped() {
         &GpuId::new("sim-0").unwrap(),
         None,
     );
-    let mut running = launch(&spec, &no_cgroups()).unwrap();
+    let mut running = launch(&spec, &no_cgroups(), None).unwrap();
     assert!(running.pid().is_none());
     assert!(
         timeout(Duration::from_millis(50), running.wait())
@@ -145,7 +146,7 @@ async fn a_missing_program_is_a_launch_error() {
         &GpuId::new("sim-0").unwrap(),
         None,
     );
-    let err = launch(&spec, &no_cgroups()).unwrap_err();
+    let err = launch(&spec, &no_cgroups(), None).unwrap_err();
     assert!(
         err.to_string().starts_with("launching instance-5:"),
         "{err}"
@@ -175,7 +176,7 @@ async fn stopping_an_instance_stops_what_it_started() {
         &GpuId::new("sim-0").unwrap(),
         None,
     );
-    let mut running = launch(&spec, &no_cgroups()).unwrap();
+    let mut running = launch(&spec, &no_cgroups(), None).unwrap();
     let child: u32 = timeout(LIMIT, async {
         loop {
             if let Ok(text) = std::fs::read_to_string(&out)
@@ -221,7 +222,7 @@ async fn a_game_is_in_its_cgroup_before_it_runs() {
     );
     let gpu = GpuId::new("sim-0").unwrap();
     let spec = LaunchSpec::new("instance-5".into(), &game, &tier_720p(), &gpu, None);
-    let mut running = launch(&spec, &cgroups).unwrap();
+    let mut running = launch(&spec, &cgroups, None).unwrap();
     let launched_pid = running.pid().unwrap();
     let exit = timeout(LIMIT, running.wait()).await.unwrap();
     assert_eq!(exit.code, Some(0));
@@ -237,4 +238,91 @@ async fn a_game_is_in_its_cgroup_before_it_runs() {
         std::fs::read_to_string(root.path().join("instance-5/cpu.max")).unwrap(),
         format!("{quota} 100000\n"),
     );
+}
+
+/// Whether this test process may switch users (root); outside CI a non-root run skips the
+/// game-user tests, loudly. Under CI (as root) they always run.
+fn may_switch_users(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs root under CI, where the gate runs as root"
+    );
+    eprintln!("SKIPPED {test}: needs root to start a game as another user");
+    false
+}
+
+/// `id -u`, `id -g` and `id -G` of a game launched as `nobody` (65534:65534), directly or
+/// through the cgroup helper, written to a file anyone may write.
+async fn ids_of_a_game_run_as_nobody(cgroups: &Cgroups) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = dir.path().join("ids.txt");
+    let game = shell_game(
+        "{ id -u; id -g; id -G; } > \"$OUT_FILE\"",
+        &[("OUT_FILE", out.to_str().unwrap())],
+    );
+    let gpu = GpuId::new("sim-0").unwrap();
+    let spec = LaunchSpec::new("instance-9".into(), &game, &tier_720p(), &gpu, None);
+    let user = GameUser::resolve("65534:65534").unwrap();
+    let mut running = launch(&spec, cgroups, Some(user)).unwrap();
+    let exit = timeout(LIMIT, running.wait()).await.unwrap();
+    assert_eq!(exit.code, Some(0));
+    std::fs::read_to_string(&out).unwrap()
+}
+
+#[tokio::test]
+async fn a_game_runs_as_the_configured_user_without_the_agents_groups() {
+    if !may_switch_users("a_game_runs_as_the_configured_user_without_the_agents_groups") {
+        return;
+    }
+    let ids = ids_of_a_game_run_as_nobody(&no_cgroups()).await;
+    assert_eq!(ids, "65534\n65534\n65534\n", "uid, gid, groups");
+}
+
+#[tokio::test]
+async fn a_game_joins_its_cgroup_as_the_agent_and_then_runs_as_its_user() {
+    if !may_switch_users("a_game_joins_its_cgroup_as_the_agent_and_then_runs_as_its_user") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("cgroup.controllers"), "cpu memory\n").unwrap();
+    let cgroups = Cgroups::detect(root.path())
+        .with_exec_helper(PathBuf::from(env!("CARGO_BIN_EXE_framecast-agent")));
+    let ids = ids_of_a_game_run_as_nobody(&cgroups).await;
+    assert_eq!(ids, "65534\n65534\n65534\n", "uid, gid, groups");
+    // The helper joined the (root-owned) cgroup before it dropped to the user.
+    let procs = std::fs::read_to_string(root.path().join("instance-9/cgroup.procs")).unwrap();
+    assert!(!procs.trim().is_empty(), "nothing joined the cgroup");
+}
+
+#[test]
+fn game_users_resolve_by_name_and_number_and_unknown_ones_are_errors() {
+    let root = GameUser::resolve("root").unwrap();
+    assert_eq!((root.uid, root.gid), (0, 0));
+    assert_eq!(
+        GameUser::resolve("root:65534").unwrap(),
+        GameUser { uid: 0, gid: 65534 }
+    );
+    assert_eq!(
+        GameUser::resolve("1234:5678").unwrap(),
+        GameUser {
+            uid: 1234,
+            gid: 5678
+        }
+    );
+    for (spec, says) in [
+        ("no-such-user-here", "no user no-such-user-here"),
+        ("1234", "uid:gid"),
+        ("root:no-such-group-here", "no group no-such-group-here"),
+    ] {
+        let e = GameUser::resolve(spec).unwrap_err().to_string();
+        assert!(
+            e.starts_with("instances.user = ") && e.contains(says),
+            "{spec}: {e}"
+        );
+    }
 }

@@ -102,6 +102,7 @@ fn start(core: AgentCore, data_dir: Option<PathBuf>) -> Harness {
         runner::RunnerConfig {
             cgroups: Cgroups::detect(&std::env::temp_dir().join("framecast-no-cgroup-here")),
             data_dir,
+            game_user: None,
         },
         shutdown_rx,
     ));

@@ -16,6 +16,61 @@ use framecast_shared::tier::TierPreset;
 
 use super::cgroup::{Cgroups, Limits};
 
+/// The user and group game processes run as (`instances.user`) instead of the agent's. The
+/// agent, as root, joins the game's cgroup first and then drops to them (supplementary groups
+/// cleared) just before it runs the game.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GameUser {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+/// Why `instances.user` names no user.
+#[derive(Debug, thiserror::Error)]
+#[error("instances.user = {spec:?}: {reason}")]
+pub struct GameUserError {
+    spec: String,
+    reason: String,
+}
+
+impl GameUser {
+    /// Resolves `spec`: a user name (with its primary group), `user:group` (names or numbers),
+    /// or numeric `uid:gid`. Names are looked up in the host's user database.
+    pub fn resolve(spec: &str) -> Result<Self, GameUserError> {
+        let fail = |reason: String| GameUserError {
+            spec: spec.to_owned(),
+            reason,
+        };
+        let (user, group) = match spec.split_once(':') {
+            Some((u, g)) => (u.trim(), Some(g.trim())),
+            None => (spec.trim(), None),
+        };
+        let (uid, primary) = match user.parse::<u32>() {
+            Ok(uid) => (uid, None),
+            Err(_) => match nix::unistd::User::from_name(user) {
+                Ok(Some(u)) => (u.uid.as_raw(), Some(u.gid.as_raw())),
+                Ok(None) => return Err(fail(format!("no user {user} on this host"))),
+                Err(e) => return Err(fail(format!("looking up user {user}: {e}"))),
+            },
+        };
+        let gid = match group {
+            None => primary
+                .ok_or_else(|| fail("a numeric user needs its group too: uid:gid".to_owned()))?,
+            Some(g) => match g.parse::<u32>() {
+                Ok(gid) => gid,
+                Err(_) => match nix::unistd::Group::from_name(g) {
+                    Ok(Some(grp)) => grp.gid.as_raw(),
+                    Ok(None) => return Err(fail(format!("no group {g} on this host"))),
+                    Err(e) => return Err(fail(format!("looking up group {g}: {e}"))),
+                },
+            },
+        };
+        Ok(Self { uid, gid })
+    }
+}
+
 /// Everything needed to launch one instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LaunchSpec {
@@ -205,8 +260,13 @@ pub struct Exit {
 /// How often an adopted process is checked for its exit.
 const ADOPTED_POLL: Duration = Duration::from_millis(250);
 
-/// Launches `spec`, placing a process in its cgroup where cgroups are available.
-pub fn launch(spec: &LaunchSpec, cgroups: &Cgroups) -> Result<Running, LaunchError> {
+/// Launches `spec`, placing a process in its cgroup where cgroups are available, as `user`
+/// where one is given.
+pub fn launch(
+    spec: &LaunchSpec,
+    cgroups: &Cgroups,
+    user: Option<GameUser>,
+) -> Result<Running, LaunchError> {
     let err = |error| LaunchError {
         name: spec.name.clone(),
         error,
@@ -234,7 +294,15 @@ pub fn launch(spec: &LaunchSpec, cgroups: &Cgroups) -> Result<Running, LaunchErr
                     Ok(Some(dir)) => {
                         placed = true;
                         let mut c = Command::new(helper);
-                        c.arg("exec-in-cgroup").arg(dir).arg("--").arg(program);
+                        c.arg("exec-in-cgroup");
+                        // The helper joins the cgroup as the agent, then drops to the user.
+                        if let Some(u) = user {
+                            c.arg("--uid")
+                                .arg(u.uid.to_string())
+                                .arg("--gid")
+                                .arg(u.gid.to_string());
+                        }
+                        c.arg(dir).arg("--").arg(program);
                         c
                     }
                     Ok(None) => Command::new(program),
@@ -245,6 +313,9 @@ pub fn launch(spec: &LaunchSpec, cgroups: &Cgroups) -> Result<Running, LaunchErr
                 },
                 None => Command::new(program),
             };
+            if let (Some(u), false) = (user, placed) {
+                command.uid(u.uid).gid(u.gid);
+            }
             let child = command
                 .args(&spec.args)
                 .env_clear()

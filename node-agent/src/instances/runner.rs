@@ -17,7 +17,7 @@ use framecast_shared::protocol::Message;
 use framecast_shared::time::Timestamp;
 
 use super::cgroup::Cgroups;
-use super::launch::{Exit, LaunchSpec, ProcessId, Running, launch};
+use super::launch::{Exit, GameUser, LaunchSpec, ProcessId, Running, launch};
 use super::supervisor::InstanceId;
 use crate::stream::capture;
 
@@ -71,6 +71,8 @@ pub struct RunnerConfig {
     /// and the games' capture sockets (see [`crate::stream::capture`]); `None` keeps nothing
     /// and gives games no capture socket.
     pub data_dir: Option<PathBuf>,
+    /// The user game processes run as; the agent's own when `None`.
+    pub game_user: Option<GameUser>,
 }
 
 /// The file in the data directory that lists running sessions and their processes.
@@ -107,10 +109,14 @@ pub async fn run<H: InstanceHost + ?Sized>(
     config: RunnerConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let RunnerConfig { cgroups, data_dir } = config;
+    let RunnerConfig {
+        cgroups,
+        data_dir,
+        game_user,
+    } = config;
     // Game processes bind their capture socket in here (see `stream::capture`).
     let capture_dir = data_dir.as_deref().and_then(|dir| {
-        capture::prepare_capture_dir(dir)
+        capture::prepare_capture_dir(dir, game_user.map(|u| u.gid))
             .inspect_err(|e| tracing::warn!(dir = %dir.display(), error = %e, "no capture directory; games cannot stream frames"))
             .ok()
     });
@@ -126,22 +132,24 @@ pub async fn run<H: InstanceHost + ?Sized>(
             let command = command.map(|c| with_capture_socket(c, capture_dir.as_deref()));
             match command {
                 None => break,
-                Some(InstanceCommand::Start { key, spec }) => match launch(&spec, &cgroups) {
-                    Ok(running) => {
-                        tracing::info!(instance = %key, name = %spec.name, pid = running.pid(), "instance started");
-                        lock(&host).started(&key, running.process());
-                        launched.insert(key.clone(), watch(key, running, &exit_tx));
+                Some(InstanceCommand::Start { key, spec }) => {
+                    match launch(&spec, &cgroups, game_user) {
+                        Ok(running) => {
+                            tracing::info!(instance = %key, name = %spec.name, pid = running.pid(), "instance started");
+                            lock(&host).started(&key, running.process());
+                            launched.insert(key.clone(), watch(key, running, &exit_tx));
+                        }
+                        Err(e) => {
+                            tracing::warn!(instance = %key, error = %e, "instance could not be launched");
+                            // Sent under the core's lock, so a hello built meanwhile cannot
+                            // overtake it.
+                            let mut core = lock(&host);
+                            let replies = core.exited(&key, Timestamp::now(), Duration::ZERO);
+                            send_all(&outbox, replies);
+                            drop(core);
+                        }
                     }
-                    Err(e) => {
-                        tracing::warn!(instance = %key, error = %e, "instance could not be launched");
-                        // Sent under the core's lock, so a hello built meanwhile cannot
-                        // overtake it.
-                        let mut core = lock(&host);
-                        let replies = core.exited(&key, Timestamp::now(), Duration::ZERO);
-                        send_all(&outbox, replies);
-                        drop(core);
-                    }
-                },
+                }
                 Some(InstanceCommand::Adopt { key, name, process }) => {
                     tracing::info!(instance = %key, pid = process.pid, "watching a game process from before the restart");
                     let running = Running::adopt(name, process);

@@ -67,15 +67,31 @@ pub fn capture_dir(data_dir: &Path) -> PathBuf {
 }
 
 /// Creates the capture directory of `data_dir` (with its parents) and makes it private to the
-/// agent's user (mode 0700): whoever can connect to a game's socket can drive the game.
-pub fn prepare_capture_dir(data_dir: &Path) -> io::Result<PathBuf> {
+/// agent's user (mode 0700): whoever can connect to a game's socket can drive the game. Games
+/// that run as another user (`instances.user`) bind their sockets in it too: then it belongs
+/// to their group as well (mode 0770), and so does the data directory above it, with search
+/// permission only for that group (`g+x`: the games pass through it, they cannot list it).
+pub fn prepare_capture_dir(data_dir: &Path, games_gid: Option<u32>) -> io::Result<PathBuf> {
     let dir = capture_dir(data_dir);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&dir)?;
+    let mode = match games_gid {
+        Some(gid) => {
+            std::os::unix::fs::chown(&dir, None, Some(gid))?;
+            std::os::unix::fs::chown(data_dir, None, Some(gid))?;
+            let data = std::fs::metadata(data_dir)?.permissions().mode();
+            std::fs::set_permissions(
+                data_dir,
+                std::fs::Permissions::from_mode((data & 0o7707) | 0o010),
+            )?;
+            0o770
+        }
+        None => 0o700,
+    };
     // An existing directory keeps its mode through `create`.
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))?;
     Ok(dir)
 }
 
@@ -1000,19 +1016,40 @@ mod tests {
     #[test]
     fn the_capture_dir_is_private() {
         let data = tempfile::tempdir().unwrap();
-        let dir = prepare_capture_dir(data.path()).unwrap();
+        let dir = prepare_capture_dir(data.path(), None).unwrap();
         assert_eq!(dir, data.path().join("capture"));
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
         // An existing directory with a looser mode is tightened.
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        prepare_capture_dir(data.path()).unwrap();
+        prepare_capture_dir(data.path(), None).unwrap();
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
         std::fs::write(socket_path(&dir, "gone"), b"").unwrap();
         remove_socket(&dir, "gone");
         assert!(!socket_path(&dir, "gone").exists());
         remove_socket(&dir, "never-there");
+    }
+
+    #[test]
+    fn with_a_game_user_the_capture_dir_is_its_groups_too_and_the_data_dir_lets_it_through() {
+        use std::os::unix::fs::MetadataExt;
+        let data = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(data.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        // The agent's own group: any process may give a file it owns to its own group.
+        let gid = nix::unistd::getegid().as_raw();
+        let dir = prepare_capture_dir(data.path(), Some(gid)).unwrap();
+        let meta = std::fs::metadata(&dir).unwrap();
+        assert_eq!(
+            (meta.gid(), meta.permissions().mode() & 0o777),
+            (gid, 0o770)
+        );
+        let meta = std::fs::metadata(data.path()).unwrap();
+        // Search for the group, nothing for others.
+        assert_eq!(
+            (meta.gid(), meta.permissions().mode() & 0o777),
+            (gid, 0o710)
+        );
     }
 
     #[test]

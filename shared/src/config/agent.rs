@@ -49,6 +49,12 @@ pub struct InstancesConfig {
     /// gets a child with CPU and memory limits. Absent: no limits, which the agent logs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup_root: Option<PathBuf>,
+    /// The user game processes run as: a user name (with its primary group), `user:group`, or
+    /// numeric `uid:gid`. Absent: the agent's own user — root on a host with `mdev` or MIG
+    /// vGPUs, which the agent warns about, since a game could then read the agent's keys and
+    /// change its own limits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// First restart delay of a crashed warm instance, ms; it doubles per crash in a row.
     pub restart_backoff_min_ms: u64,
     /// Longest restart delay, ms.
@@ -61,6 +67,7 @@ impl Default for InstancesConfig {
     fn default() -> Self {
         Self {
             cgroup_root: None,
+            user: None,
             restart_backoff_min_ms: 1_000,
             restart_backoff_max_ms: 60_000,
             healthy_after_s: 30,
@@ -321,6 +328,15 @@ impl Validate for AgentConfig {
                 "cgroup_root",
                 root,
                 "must be an absolute path",
+            );
+        }
+        if let Some(user) = &self.instances.user {
+            let parts: Vec<&str> = user.split(':').collect();
+            instances.check(
+                matches!(parts.len(), 1 | 2) && parts.iter().all(|p| !p.trim().is_empty()),
+                "user",
+                user,
+                "must be a user name, user:group, or uid:gid",
             );
         }
         instances.range(
