@@ -87,10 +87,10 @@ impl Default for PlannerConfig {
             short_window: Duration::from_secs(5 * 60),
             long_window: Duration::from_secs(60 * 60),
             launch_time: Duration::from_secs(30),
-            safety_z: 2.0,
+            safety_z: 4.0,
             min_warm: 0,
             max_warm: 64,
-            max_changes_per_round: 16,
+            max_changes_per_round: 64,
             hysteresis_rounds: 3,
             daily_profile: true,
         }

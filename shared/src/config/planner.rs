@@ -27,14 +27,16 @@ pub struct PlannerConfig {
     /// How long a game takes to start cold: warm instances cover the demand expected within
     /// it, s.
     pub launch_time_s: f64,
-    /// Standard deviations of demand kept warm above the forecast (2 covers about 98 % of
-    /// bursts under Poisson arrivals).
+    /// Standard deviations of demand kept warm above the forecast. 4 by default: the forecast
+    /// trails a rising evening and refills take a launch time; on the evening-peak demand the
+    /// Poisson rule of thumb (2) kept 90.4 % of placements warm, 4 kept 95.7 %.
     pub safety_z: f64,
     /// Fewest warm instances per (region, tier, game) with any demand.
     pub min_warm: u16,
     /// Most warm instances per (region, tier, game).
     pub max_warm: u16,
     /// Most GPU changes (profile or warm target) sent per round, so the fleet does not flap.
+    /// 64 by default: 16 re-planned a 3 840-GPU fleet too slowly to follow an evening rise.
     pub max_changes_per_round: u32,
     /// Rounds a new target must hold before the planner acts on it.
     pub hysteresis_rounds: u32,
@@ -57,10 +59,10 @@ impl Default for PlannerConfig {
             short_window_s: 300.0,
             long_window_s: 3600.0,
             launch_time_s: 30.0,
-            safety_z: 2.0,
+            safety_z: 4.0,
             min_warm: 0,
             max_warm: 64,
-            max_changes_per_round: 16,
+            max_changes_per_round: 64,
             hysteresis_rounds: 3,
             daily_profile: true,
             webhook_url: None,
