@@ -176,6 +176,8 @@ pub async fn start_with(
     signer: TokenSigner,
     options: RouterOptions,
 ) -> anyhow::Result<Running> {
+    // Before anything binds: a secret that cannot be read stops the start.
+    let webhook_key = webhook_key(&config)?;
     let store = open_store(&config.data_dir).await?;
     let control = ControlPlane::bind(config.control.listen, tls)?;
     let control_addr = control.local_addr()?;
@@ -199,6 +201,7 @@ pub async fn start_with(
     match (&planner.webhook_url, planner.enabled) {
         (Some(url), true) => tasks.push(tokio::spawn(crate::service::webhook::run(
             url.clone(),
+            webhook_key,
             planner.webhook_min_interval(),
             broker.recommendations(),
             shutdown_rx.clone(),
@@ -240,5 +243,66 @@ async fn open_store(data_dir: &std::path::Path) -> anyhow::Result<Store> {
                 });
             }
         }
+    }
+}
+
+/// The webhook's signing key, from `planner.webhook_secret_file` (its bytes, without a
+/// trailing line break); none when unset.
+fn webhook_key(config: &BrokerConfig) -> anyhow::Result<Option<ring::hmac::Key>> {
+    let Some(path) = &config.planner.webhook_secret_file else {
+        return Ok(None);
+    };
+    let secret = std::fs::read(path).with_context(|| {
+        format!(
+            "planner.webhook_secret_file {}: cannot read it",
+            path.display()
+        )
+    })?;
+    let secret = secret
+        .strip_suffix(b"\n")
+        .map(|s| s.strip_suffix(b"\r").unwrap_or(s))
+        .unwrap_or(&secret);
+    anyhow::ensure!(
+        secret.len() >= 16,
+        "planner.webhook_secret_file {}: the secret must be at least 16 bytes",
+        path.display()
+    );
+    Ok(Some(crate::service::webhook::key_of(secret)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_webhook_secret_is_read_once_and_a_missing_or_short_one_names_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = BrokerConfig::default();
+        assert!(webhook_key(&config).unwrap().is_none());
+        let file = dir.path().join("secret");
+        config.planner.webhook_secret_file = Some(file.clone());
+        let e = webhook_key(&config).unwrap_err().to_string();
+        assert!(
+            e.starts_with("planner.webhook_secret_file") && e.contains("cannot read"),
+            "{e}"
+        );
+        std::fs::write(&file, "short\n").unwrap();
+        let e = webhook_key(&config).unwrap_err().to_string();
+        assert!(e.contains("at least 16 bytes"), "{e}");
+        // The line break is not part of the secret: both files sign alike.
+        std::fs::write(&file, "sixteen bytes at least\r\n").unwrap();
+        let with = webhook_key(&config).unwrap().unwrap();
+        std::fs::write(&file, "sixteen bytes at least").unwrap();
+        let without = webhook_key(&config).unwrap().unwrap();
+        let at = framecast_shared::time::Timestamp::from_millis(1_800_000_000_123);
+        assert_eq!(
+            crate::service::webhook::signature(&with, at, b"[]"),
+            crate::service::webhook::signature(&without, at, b"[]")
+        );
+        // What a receiver computes (Python's hmac.new(secret, b"1800000000." + body, sha256)).
+        assert_eq!(
+            crate::service::webhook::signature(&with, at, b"[]"),
+            "t=1800000000,v1=18624c486c1139ddbde85f42e6515c1d03b64b4d6d23f98026cb849131805b89"
+        );
     }
 }

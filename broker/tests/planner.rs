@@ -401,8 +401,13 @@ async fn read_request(s: &mut tokio::net::TcpStream) -> (String, String) {
 }
 
 #[tokio::test]
-async fn the_fleet_recommendation_reaches_the_webhook_and_failures_are_retried_and_counted() {
+async fn the_fleet_recommendation_reaches_the_webhook_signed_and_failures_are_retried_and_counted()
+{
     let (url, mut posts) = receiver().await;
+    let secrets = tempfile::tempdir().unwrap();
+    let secret_file = secrets.path().join("webhook.secret");
+    let secret = "a shared secret of the autoscaler";
+    std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
     let dev = dev_with(
         2,
         1,
@@ -410,6 +415,7 @@ async fn the_fleet_recommendation_reaches_the_webhook_and_failures_are_retried_a
             fast_planner(c);
             c.planner.webhook_url = Some(url.clone());
             c.planner.webhook_min_interval_s = 0.2;
+            c.planner.webhook_secret_file = Some(secret_file.clone());
         }),
     )
     .await;
@@ -427,7 +433,33 @@ async fn the_fleet_recommendation_reaches_the_webhook_and_failures_are_retried_a
             .contains("content-type: application/json"),
         "{first_head}"
     );
-    let (_, body) = timeout(LIMIT, posts.recv()).await.unwrap().unwrap();
+    let (head, body) = timeout(LIMIT, posts.recv()).await.unwrap().unwrap();
+    // Signed as the receiver checks it: HMAC-SHA256 over "<t>." and the body, with the
+    // file's secret (its line break left out); a recent t.
+    let signature = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case(framecast_broker::service::webhook::SIGNATURE_HEADER))
+        .map(|(_, v)| v.trim().to_owned())
+        .unwrap_or_else(|| panic!("no signature: {head}"));
+    let (t, v1) = signature
+        .strip_prefix("t=")
+        .and_then(|s| s.split_once(",v1="))
+        .unwrap_or_else(|| panic!("{signature}"));
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(now_s.abs_diff(t.parse().unwrap()) < 60, "{signature}");
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let mac: Vec<u8> = (0..v1.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&v1[i..i + 2], 16).unwrap())
+        .collect();
+    ring::hmac::verify(&key, format!("{t}.{body}").as_bytes(), &mac)
+        .unwrap_or_else(|_| panic!("the signature does not verify: {signature}"));
+    let forged = format!("{t}.{body} ");
+    assert!(ring::hmac::verify(&key, forged.as_bytes(), &mac).is_err());
     let needs: serde_json::Value = serde_json::from_str(&body).unwrap();
     let lines = needs.as_array().unwrap();
     assert!(!lines.is_empty(), "{body}");

@@ -5,6 +5,10 @@
 //! blocks; this task posts it, at most once per `planner.webhook_min_interval_s`, and retries a
 //! failed post after that interval with whatever is newest by then (a recommendation that was
 //! replaced meanwhile is never sent). Every attempt is bounded by [`POST_TIMEOUT`].
+//!
+//! With `planner.webhook_secret_file`, every post carries
+//! `x-framecast-signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>." followed by the body>`,
+//! so the receiver can tell the broker's posts from forged ones and refuse old ones replayed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +20,9 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use framecast_shared::config::planner::WebhookUrl;
+
+/// The header that carries a post's signature.
+pub const SIGNATURE_HEADER: &str = "x-framecast-signature";
 
 /// The longest one post may take, connection included.
 pub const POST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -68,9 +75,11 @@ pub enum PostError {
     Timeout,
 }
 
-/// Posts every new recommendation from `latest` to `url` until `shutdown` turns true.
+/// Posts every new recommendation from `latest` to `url` until `shutdown` turns true, signed
+/// with `key` where there is one.
 pub(crate) async fn run(
     url: WebhookUrl,
+    key: Option<ring::hmac::Key>,
     min_interval: Duration,
     mut latest: watch::Receiver<Latest>,
     mut shutdown: watch::Receiver<bool>,
@@ -86,7 +95,7 @@ pub(crate) async fn run(
                 break;
             };
             let posted = tokio::select! {
-                r = post(&url, &needs) => r,
+                r = post(&url, &needs, key.as_ref()) => r,
                 _ = shutdown.wait_for(|s| *s) => return,
             };
             let ok = match posted {
@@ -116,15 +125,46 @@ pub(crate) async fn run(
     }
 }
 
-/// POSTs `needs` as a JSON array to `url`, within [`POST_TIMEOUT`].
-pub async fn post(url: &WebhookUrl, needs: &[FleetNeed]) -> Result<(), PostError> {
+/// POSTs `needs` as a JSON array to `url`, within [`POST_TIMEOUT`], signed with `key` (see
+/// the module's documentation) where there is one.
+pub async fn post(
+    url: &WebhookUrl,
+    needs: &[FleetNeed],
+    key: Option<&ring::hmac::Key>,
+) -> Result<(), PostError> {
     let body = serde_json::to_vec(needs)?;
-    tokio::time::timeout(POST_TIMEOUT, exchange(url, body))
+    let signature = key.map(|k| signature(k, framecast_shared::time::Timestamp::now(), &body));
+    tokio::time::timeout(POST_TIMEOUT, exchange(url, body, signature))
         .await
         .map_err(|_| PostError::Timeout)?
 }
 
-async fn exchange(url: &WebhookUrl, body: Vec<u8>) -> Result<(), PostError> {
+/// The signature header's value for `body` sent at `at`.
+pub fn signature(
+    key: &ring::hmac::Key,
+    at: framecast_shared::time::Timestamp,
+    body: &[u8],
+) -> String {
+    let t = at.as_millis() / 1000;
+    let mut ctx = ring::hmac::Context::with_key(key);
+    ctx.update(format!("{t}.").as_bytes());
+    ctx.update(body);
+    format!(
+        "t={t},v1={}",
+        crate::service::tenants::hex(ctx.sign().as_ref())
+    )
+}
+
+/// The signing key of a secret (the file's bytes, without a trailing line break).
+pub fn key_of(secret: &[u8]) -> ring::hmac::Key {
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret)
+}
+
+async fn exchange(
+    url: &WebhookUrl,
+    body: Vec<u8>,
+    signature: Option<String>,
+) -> Result<(), PostError> {
     let addr = format!("{}:{}", url.host(), url.port());
     let stream = TcpStream::connect((url.host(), url.port()))
         .await
@@ -138,7 +178,11 @@ async fn exchange(url: &WebhookUrl, body: Vec<u8>) -> Result<(), PostError> {
             tracing::debug!(error = %e, "webhook connection ended");
         }
     });
-    let request = axum::http::Request::post(url.path())
+    let mut request = axum::http::Request::post(url.path());
+    if let Some(s) = signature {
+        request = request.header(SIGNATURE_HEADER, s);
+    }
+    let request = request
         .header(axum::http::header::HOST, url.host_header())
         .header(axum::http::header::CONTENT_TYPE, "application/json")
         .header(

@@ -4,6 +4,7 @@
 //! Durations are seconds and may have a fraction (`round_every_s = 0.2` in tests).
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -49,6 +50,10 @@ pub struct PlannerConfig {
     pub webhook_url: Option<WebhookUrl>,
     /// Fewest seconds between two webhook posts (a failed post is retried after it too).
     pub webhook_min_interval_s: f64,
+    /// A file holding the secret the webhook's posts are signed with (HMAC-SHA256 in the
+    /// `x-framecast-signature` header); read at start. None: posts are not signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_secret_file: Option<PathBuf>,
 }
 
 impl Default for PlannerConfig {
@@ -67,6 +72,7 @@ impl Default for PlannerConfig {
             daily_profile: true,
             webhook_url: None,
             webhook_min_interval_s: 60.0,
+            webhook_secret_file: None,
         }
     }
 }
