@@ -16,11 +16,14 @@ use std::time::Duration;
 use tokio::time::timeout;
 
 use framecast_broker::run::{Running, start};
+use framecast_broker::store::Store;
 use framecast_shared::config::BrokerConfig;
 use framecast_shared::gpu::{GpuMode, models};
 use framecast_shared::ids::{NodeId, RegionName};
 use framecast_shared::protocol::quic::{read_message, write_message};
 use framecast_shared::protocol::{DEFAULT_MAX_FRAME, GoodbyeReason, Hello, Message};
+use framecast_shared::state::NodeState;
+use framecast_shared::time::Timestamp;
 use framecast_shared::tls::{DevCa, IssuedCert, Role, client_config, server_config};
 use framecast_shared::token::TokenSigner;
 
@@ -254,4 +257,115 @@ async fn truncated_or_oversized_frames_close_that_link_and_the_broker_serves_on(
     .await
     .unwrap();
     b.running.stop().await;
+}
+
+/// Reads what the broker sends after its welcome until `wanted` matches one (bounded).
+async fn expect_message(agent: &mut Agent, wanted: impl Fn(&Message) -> bool) -> Message {
+    timeout(LIMIT, async {
+        loop {
+            match read_message(&mut agent.recv, DEFAULT_MAX_FRAME).await {
+                Ok(Some(m)) if wanted(&m) => return m,
+                Ok(Some(_)) => {}
+                other => panic!("the link ended first: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the message comes")
+}
+
+fn node_state(b: &Broker, node: &str) -> Option<NodeState> {
+    let node = NodeId::new(node).unwrap();
+    b.running.broker.with_engine(|e| {
+        let fleet = e.fleet();
+        fleet
+            .node_idx
+            .get(&node)
+            .and_then(|&i| fleet.node(i))
+            .map(|n| n.state)
+    })
+}
+
+#[tokio::test]
+async fn the_agents_drain_and_the_brokers_are_reconciled_at_hello() {
+    let b = broker().await;
+    let deadline = Timestamp::now().saturating_add(Duration::from_secs(600));
+    let gpu1 = b.ca.issue("gpu-1", &["gpu-1"], Role::Agent).unwrap();
+    let gpu2 = b.ca.issue("gpu-2", &["gpu-2"], Role::Agent).unwrap();
+    let ca = b.ca.cert.cert_pem.clone();
+    let control = b.running.control;
+    timeout(LIMIT, async {
+        // A broker that holds no decision about a node takes its agent's drain (the store
+        // of a broker restarted after an upgrade has none), so it stops placing there.
+        let mut draining = hello("gpu-1", 1);
+        draining.draining = Some(deadline);
+        let mut a1 = connect(control, &ca, &gpu1).await.unwrap();
+        assert!(matches!(
+            say_hello(&mut a1, draining.clone()).await,
+            Some(Message::Welcome(_))
+        ));
+        assert_eq!(
+            node_state(&b, "gpu-1"),
+            Some(NodeState::Draining { deadline })
+        );
+
+        // A node the broker knows as ready whose agent still drains (the resume was lost
+        // with its link) is told to resume.
+        let mut a2 = connect(control, &ca, &gpu2).await.unwrap();
+        assert!(matches!(
+            say_hello(&mut a2, hello("gpu-2", 1)).await,
+            Some(Message::Welcome(_))
+        ));
+        let mut still = hello("gpu-2", 1);
+        still.draining = Some(deadline);
+        let mut a2 = connect(control, &ca, &gpu2).await.unwrap();
+        assert!(matches!(
+            say_hello(&mut a2, still).await,
+            Some(Message::Welcome(_))
+        ));
+        expect_message(&mut a2, |m| matches!(m, Message::Resume(_))).await;
+        assert_eq!(node_state(&b, "gpu-2"), Some(NodeState::Ready));
+
+        // A draining node whose agent restarted (and so forgot the drain) is told again.
+        let mut a1 = connect(control, &ca, &gpu1).await.unwrap();
+        assert!(matches!(
+            say_hello(&mut a1, hello("gpu-1", 2)).await,
+            Some(Message::Welcome(_))
+        ));
+        let told = expect_message(&mut a1, |m| matches!(m, Message::Drain(_))).await;
+        assert!(
+            matches!(&told, Message::Drain(d) if d.deadline == deadline),
+            "{told:?}"
+        );
+        assert_eq!(
+            node_state(&b, "gpu-1"),
+            Some(NodeState::Draining { deadline })
+        );
+    })
+    .await
+    .unwrap();
+    // The drain the broker took from the agent is recorded like an operator's.
+    let Broker { running, _dir, .. } = b;
+    running.stop().await;
+    // The stopped service lets go of the store once its last task has ended.
+    let store = timeout(LIMIT, async {
+        loop {
+            match Store::open(&_dir.path().join("data")) {
+                Err(framecast_broker::store::StoreError::Locked { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other.unwrap(),
+            }
+        }
+    })
+    .await
+    .expect("the stopped broker releases its store");
+    assert_eq!(
+        store
+            .node(&NodeId::new("gpu-1").unwrap())
+            .unwrap()
+            .and_then(|n| n.drain_deadline),
+        Some(deadline)
+    );
+    assert_eq!(store.node(&NodeId::new("gpu-2").unwrap()).unwrap(), None);
 }

@@ -783,3 +783,250 @@ async fn a_thousand_sessions_are_allocated_and_released() {
     assert!(listed["sessions"].as_array().unwrap().is_empty());
     dev.stop().await;
 }
+
+/// Polls `GET /v1/nodes` until `node`'s state is `state` (bounded).
+async fn wait_for_node_state(addr: SocketAddr, node: &str, state: &str) {
+    timeout(LIMIT, async {
+        while node_view(addr, node).await["state"] != state {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{node} never became {state}"));
+}
+
+/// Polls `GET /v1/sessions/{id}` until the session has ended (bounded), and returns it.
+async fn wait_for_end(addr: SocketAddr, id: &str) -> serde_json::Value {
+    let path = format!("/v1/sessions/{id}");
+    timeout(LIMIT, async {
+        loop {
+            let s = get(addr, &path).await.json();
+            if s["state"] == "ended" {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("session {id} did not end"))
+}
+
+#[tokio::test]
+async fn cordons_and_drains_survive_a_broker_restart() {
+    let mut dev = dev_with(2, 1, None).await;
+    let addr = dev.broker().http;
+    let nodes = dev.nodes();
+    let (a, b) = (nodes[0].to_string(), nodes[1].to_string());
+    assert_eq!(
+        post(addr, &format!("/v1/nodes/{a}/cordon"), "", &[])
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        post(
+            addr,
+            &format!("/v1/nodes/{b}/drain"),
+            r#"{"deadline_s":600}"#,
+            &[]
+        )
+        .await
+        .status,
+        204
+    );
+
+    dev.restart_broker().await.unwrap();
+    let addr = dev.broker().http;
+    all_connected(addr, 2).await;
+    let cordoned = node_view(addr, &a).await;
+    assert_eq!(cordoned["state"], "cordoned", "{cordoned}");
+    assert_eq!(cordoned["cordoned"], true);
+    let draining = node_view(addr, &b).await;
+    assert_eq!(draining["state"], "draining", "{draining}");
+    // Neither node may take the session: the broker says so itself rather than trying the
+    // draining node, whose agent refuses.
+    let no_queue = r#"{"game":"open-world","tier":"720p","player_id":"p0","queue":false}"#;
+    let p = assert_problem(&post(addr, "/v1/sessions", no_queue, &[]).await, 503);
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no GPU slot is free"),
+        "{p}"
+    );
+    // Once the cordon is lifted, sessions go to that node, not to the draining one.
+    assert_eq!(
+        post(addr, &format!("/v1/nodes/{a}/uncordon"), "", &[])
+            .await
+            .status,
+        204
+    );
+    for i in 1..3 {
+        let r = post(
+            addr,
+            "/v1/sessions",
+            &session("open-world", "720p", &format!("p{i}")),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        assert_eq!(r.json()["node_id"], a.as_str());
+    }
+    // The uncordon is recorded too: after another restart A is ready, B still draining.
+    dev.restart_broker().await.unwrap();
+    let addr = dev.broker().http;
+    all_connected(addr, 2).await;
+    assert_eq!(node_view(addr, &a).await["state"], "ready");
+    assert_eq!(node_view(addr, &b).await["state"], "draining");
+    dev.stop().await;
+}
+
+#[tokio::test]
+async fn an_uncordon_after_a_finished_drain_lets_the_node_take_sessions_again() {
+    let dev = dev_with(2, 1, None).await;
+    let addr = dev.broker().http;
+    let nodes = dev.nodes();
+    let (a, b) = (nodes[0].to_string(), nodes[1].to_string());
+    // A drain whose deadline is now: it finishes at once and leaves B cordoned, its agent
+    // still draining.
+    assert_eq!(
+        post(
+            addr,
+            &format!("/v1/nodes/{b}/drain"),
+            r#"{"deadline_s":0}"#,
+            &[]
+        )
+        .await
+        .status,
+        204
+    );
+    wait_for_node_state(addr, &b, "cordoned").await;
+    // With A cordoned, B is the only choice once uncordoned: its agent must have been told
+    // to resume, or it refuses the session (503).
+    assert_eq!(
+        post(addr, &format!("/v1/nodes/{a}/cordon"), "", &[])
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        post(addr, &format!("/v1/nodes/{b}/uncordon"), "", &[])
+            .await
+            .status,
+        204
+    );
+    let r = post(
+        addr,
+        "/v1/sessions",
+        &session("open-world", "720p", "p1"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["node_id"], b.as_str());
+    dev.stop().await;
+}
+
+/// Timers long enough that nothing but an agent's hello (or a lapsed reservation the test
+/// made) can end a recovered session while a test waits: the node-lost sweep after a restart
+/// comes an hour later, and reservations last an hour.
+fn patient(c: &mut BrokerConfig) {
+    c.control.node_lost_grace_ms = 3_600_000;
+    c.timers.reservation_ttl_s = 3_600;
+}
+
+fn options_in(dir: &std::path::Path, nodes: usize) -> DevOptions {
+    DevOptions {
+        nodes,
+        gpus_toml: "[[gpus]]\nmodel = \"l4\"\ncount = 1\n".into(),
+        http: SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir: Some(dir.to_owned()),
+        api_key: KEY.into(),
+        tune: Some(Tune::new(patient)),
+    }
+}
+
+/// Starts a dev deployment in `dir` with one node, reserves a session on it and stops
+/// everything; returns the session's id.
+async fn reserve_and_stop(dir: &std::path::Path) -> String {
+    let dev = start_dev(options_in(dir, 1)).await.unwrap();
+    let addr = dev.broker().http;
+    all_connected(addr, 1).await;
+    let r = post(
+        addr,
+        "/v1/sessions",
+        &session("open-world", "720p", "p1"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.json()["session_id"].as_str().unwrap().to_owned();
+    dev.stop().await;
+    id
+}
+
+#[tokio::test]
+async fn a_recovered_session_its_restarted_agent_does_not_hold_ends_at_its_hello() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = reserve_and_stop(dir.path()).await;
+    // Broker and agent start again: the agent's synthetic session did not survive its
+    // restart, so its hello reports none, and the broker ends the one it recovered as any
+    // hello ends a session its agent does not report.
+    let dev = start_dev(options_in(dir.path(), 1)).await.unwrap();
+    let addr = dev.broker().http;
+    let ended = wait_for_end(addr, &id).await;
+    assert_eq!(ended["end_reason"], "error", "{ended}");
+    // Its slot is free: the node takes a session of the same size.
+    all_connected(addr, 1).await;
+    let r = post(
+        addr,
+        "/v1/sessions",
+        &session("open-world", "720p", "p2"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    dev.stop().await;
+}
+
+/// Opens the store of a stopped broker, once its last task has let go of it (bounded).
+async fn open_store(data_dir: &std::path::Path) -> framecast_broker::store::Store {
+    use framecast_broker::store::{Store, StoreError};
+    timeout(LIMIT, async {
+        loop {
+            match Store::open(data_dir) {
+                Err(StoreError::Locked { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other.unwrap(),
+            }
+        }
+    })
+    .await
+    .expect("the stopped broker releases its store")
+}
+
+#[tokio::test]
+async fn a_recovered_reservation_whose_agent_never_returns_lapses_at_its_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = reserve_and_stop(dir.path()).await;
+    // The reservation's time runs out while the broker is down (rewound in its store rather
+    // than waited for).
+    {
+        let store = open_store(&dir.path().join("broker")).await;
+        let sid = id.parse::<SessionId>().unwrap();
+        let mut record = store.session(&sid).unwrap().unwrap();
+        assert_eq!(
+            record.state,
+            framecast_shared::state::SessionState::Reserved
+        );
+        record.expires_at = Some(Timestamp::from_millis(Timestamp::now().as_millis() - 1_000));
+        store.put_session(&record).unwrap();
+    }
+    // No agent comes back.
+    let dev = start_dev(options_in(dir.path(), 0)).await.unwrap();
+    let addr = dev.broker().http;
+    let ended = wait_for_end(addr, &id).await;
+    assert_eq!(ended["end_reason"], "expired", "{ended}");
+    dev.stop().await;
+}

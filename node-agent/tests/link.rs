@@ -64,6 +64,7 @@ impl AgentState for TestAgent {
             warm: Vec::new(),
             cpu_millicores: None,
             whep_url: None,
+            draining: None,
         }
     }
 

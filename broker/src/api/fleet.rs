@@ -169,7 +169,7 @@ pub(super) async fn cordon(
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
     admin(&tenant)?;
-    state.broker.cordon(&node_id(&id)?)?;
+    state.broker.cordon(&node_id(&id)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

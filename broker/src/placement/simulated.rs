@@ -40,5 +40,6 @@ pub fn hello(
         warm: Vec::new(),
         cpu_millicores: None,
         whep_url: None,
+        draining: None,
     })
 }

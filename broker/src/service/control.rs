@@ -14,14 +14,17 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
+use framecast_shared::ids::SessionId;
 use framecast_shared::protocol::handshake::negotiate;
 use framecast_shared::protocol::quic::{FrameIoError, read_message, write_message};
+use framecast_shared::protocol::{Drain, Resume};
 use framecast_shared::protocol::{Goodbye, GoodbyeReason, Hello, Message, Release, Welcome};
-use framecast_shared::state::{EndReason, SessionState};
+use framecast_shared::state::{EndReason, NodeState, SessionState};
 use framecast_shared::time::Timestamp;
 
-use super::{Answer, Broker, Link, Seen};
-use crate::placement::ReconcileOutcome;
+use super::{Answer, Broker, Link, Seen, node_write};
+use crate::placement::{Engine, ReconcileOutcome};
+use crate::store::StoredNode;
 
 /// How long an agent has to say hello after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -244,34 +247,43 @@ async fn admit(
     conn: u64,
 ) -> Result<(), (GoodbyeReason, String)> {
     let now = Timestamp::now();
+    let node = &hello.node_id;
     // Reconcile and register under one lock, so two hellos of one node cannot interleave.
-    let (unknown, old) = {
+    let (unknown, old, not_held, drain_sync, recorded) = {
         let mut st = broker.state();
-        match st.engine.reconcile(hello, now) {
-            Ok(ReconcileOutcome::Stale { current }) => {
-                return Err((
-                    GoodbyeReason::StaleGeneration,
-                    format!(
-                        "generation {} is older than {current}, which this broker has seen",
-                        hello.generation
-                    ),
-                ));
-            }
-            Ok(ReconcileOutcome::Applied {
-                adopted,
-                ended,
-                refused,
-            }) => {
-                tracing::info!(node_id = %hello.node_id, adopted, ended, refused, "hello reconciled");
-            }
-            Err(e) => {
-                // Worth another try later (e.g. after an operator fixes the catalogue).
-                return Err((
-                    GoodbyeReason::Other,
-                    format!("the hello could not be applied: {e}"),
-                ));
-            }
+        let st = &mut *st;
+        // Whether the broker knew the node before this hello. If not, it restarted (or the node
+        // is new), and what an operator decided about the node is in the store, if anywhere.
+        let known = st.engine.fleet().node_idx.contains_key(node);
+        let restored = st.restore_nodes.get(node).cloned();
+        let decided = known || restored.is_some();
+        // A node to come back cordoned or draining is first registered bare (no GPUs) and put
+        // out of service, and only then given its full report, so that the queue, which the
+        // report serves, is not placed on it in between.
+        let early = !known && (restored.is_some() || hello.draining.is_some());
+        let mut sync = None;
+        if early {
+            let bare = Hello {
+                gpus: Vec::new(),
+                sessions: Vec::new(),
+                warm: Vec::new(),
+                ..hello.clone()
+            };
+            reconciled(st.engine.reconcile(&bare, now), hello)?;
+            sync = Some(apply_decisions(
+                &mut st.engine,
+                hello,
+                restored.as_ref(),
+                decided,
+            ));
         }
+        let (adopted, ended, refused) = reconciled(st.engine.reconcile(hello, now), hello)?;
+        tracing::info!(node_id = %hello.node_id, adopted, ended, refused, "hello reconciled");
+        let sync = match sync {
+            Some(sync) => sync,
+            None => apply_decisions(&mut st.engine, hello, restored.as_ref(), decided),
+        };
+        st.restore_nodes.remove(node);
         // Sessions the agent runs that no platform asked for here (the store lost them, or
         // the broker ended them while the agent was away) are released.
         let unknown: Vec<_> = hello
@@ -284,6 +296,17 @@ async fn admit(
         for s in &unknown {
             let _ = st.engine.release(s, EndReason::Error, now);
         }
+        // Sessions from before a broker restart placed on this node: the engine holds those
+        // the agent reported; the others end now, as a hello ends any session the agent does
+        // not report.
+        let not_held = recovered_not_held(&mut st.sessions, &st.engine, hello);
+        // An adopted drain is recorded like an operator's (a restored one is stored already).
+        let recorded = matches!(sync, DrainSync::Adopt(_)).then(|| {
+            broker
+                .inner
+                .writer
+                .submit(node_write(&st.engine, node, now))
+        });
         let old = broker.inner.links.insert(
             hello.node_id.clone(),
             Link {
@@ -293,7 +316,7 @@ async fn admit(
                 whep_url: hello.whep_url.clone(),
             },
         );
-        (unknown, old)
+        (unknown, old, not_held, sync, recorded)
     };
     if let Some(old) = old {
         tracing::info!(node_id = %hello.node_id, old_generation = old.generation, "a newer connection replaces the node's link");
@@ -321,6 +344,36 @@ async fn admit(
             )
             .await;
     }
+    match drain_sync {
+        DrainSync::Tell(deadline) => {
+            broker.send(node, Message::Drain(Drain { deadline })).await;
+        }
+        DrainSync::Resume => {
+            tracing::info!(node_id = %node, "the agent is still draining, but the node's drain was lifted: telling it to resume");
+            broker
+                .send(
+                    node,
+                    Message::Resume(Resume {
+                        reason: "the node's drain was lifted while the agent was away".into(),
+                    }),
+                )
+                .await;
+        }
+        DrainSync::Agree | DrainSync::Adopt(_) => {}
+    }
+    for (id, reason, tell) in not_held {
+        tracing::info!(session_id = %id, node_id = %node, %reason, "the node's agent does not hold this session from before the restart");
+        broker.end(&id, reason, tell).await;
+    }
+    if let Some(recorded) = recorded {
+        let written = match recorded {
+            Ok(pending) => pending.wait().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            tracing::error!(node_id = %node, error = %e, "could not record the node's drain");
+        }
+    }
     // The node's newest pool plan, queued behind the welcome: an agent that restarted lost
     // it, and one that only reconnected ignores a plan it holds already.
     let plan = broker
@@ -334,6 +387,139 @@ async fn admit(
     // The reconcile may have ended sessions the agent no longer runs.
     broker.inner.wake.notify_one();
     Ok(())
+}
+
+/// Recovered sessions on `hello`'s node that are still waiting for their agent: the ones the
+/// engine now holds (the agent reported them) stop waiting; the others are returned to be
+/// ended, with the reason the agent gave when it reported them ended, else `error` (and
+/// then the agent is told, in case it holds one the engine refused).
+fn recovered_not_held(
+    sessions: &mut std::collections::BTreeMap<SessionId, super::Entry>,
+    engine: &Engine,
+    hello: &Hello,
+) -> Vec<(SessionId, EndReason, bool)> {
+    let mut not_held = Vec::new();
+    for (id, e) in sessions.iter_mut() {
+        if !e.awaiting_agent || e.record.node.as_ref() != Some(&hello.node_id) {
+            continue;
+        }
+        if engine.session_state(id).is_some() {
+            e.awaiting_agent = false;
+            continue;
+        }
+        let reported = hello.sessions.iter().find(|s| &s.session_id == id);
+        not_held.push(match reported.map(|s| s.state) {
+            Some(SessionState::Ended(reason)) => (*id, reason, false),
+            _ => (*id, EndReason::Error, true),
+        });
+    }
+    not_held
+}
+
+/// The counts of an applied reconcile, or why the hello is refused.
+fn reconciled(
+    outcome: Result<ReconcileOutcome, crate::placement::EngineError>,
+    hello: &Hello,
+) -> Result<(usize, usize, usize), (GoodbyeReason, String)> {
+    match outcome {
+        Ok(ReconcileOutcome::Stale { current }) => Err((
+            GoodbyeReason::StaleGeneration,
+            format!(
+                "generation {} is older than {current}, which this broker has seen",
+                hello.generation
+            ),
+        )),
+        Ok(ReconcileOutcome::Applied {
+            adopted,
+            ended,
+            refused,
+        }) => Ok((adopted, ended, refused)),
+        // Worth another try later (e.g. after an operator fixes the catalogue).
+        Err(e) => Err((
+            GoodbyeReason::Other,
+            format!("the hello could not be applied: {e}"),
+        )),
+    }
+}
+
+/// Puts into the engine, which knows `hello`'s node, what the broker knows of its cordon or
+/// drain: first an operator's decision from before a restart (intent), then, where the broker
+/// holds none, the agent's own drain (observed). Returns what is left to tell the agent.
+fn apply_decisions(
+    engine: &mut Engine,
+    hello: &Hello,
+    restored: Option<&StoredNode>,
+    decided: bool,
+) -> DrainSync {
+    let node = &hello.node_id;
+    if let Some(r) = restored {
+        restore_node(engine, r);
+    }
+    let fleet = engine.fleet();
+    let state = fleet
+        .node_idx
+        .get(node)
+        .and_then(|&i| fleet.node(i))
+        .map_or(NodeState::Ready, |n| n.state);
+    let sync = drain_sync(state, decided, hello.draining);
+    if let DrainSync::Adopt(deadline) = sync {
+        tracing::info!(node_id = %node, deadline = %deadline.rfc3339(), "the agent is draining and the broker held no decision about the node: it drains here too");
+        if let Err(e) = engine.drain(node, deadline) {
+            tracing::warn!(node_id = %node, error = %e, "the agent's drain could not be applied");
+        }
+    }
+    sync
+}
+
+/// Re-applies an operator's cordon or drain from before a restart to the engine, which has
+/// just learnt the node from its hello. A drain past its deadline is applied as it is: the
+/// engine's next timer pass ends what still runs there with `drained` and leaves the node
+/// cordoned, as it would have had the broker been running.
+fn restore_node(engine: &mut Engine, stored: &StoredNode) {
+    let node = &stored.node_id;
+    let applied = match stored.drain_deadline {
+        Some(deadline) => engine.drain(node, deadline),
+        None => engine.cordon(node),
+    };
+    match applied {
+        Ok(()) => {
+            tracing::info!(node_id = %node, drain_deadline = ?stored.drain_deadline.map(|d| d.rfc3339()), "an operator's cordon or drain from before the restart applies again");
+        }
+        Err(e) => {
+            tracing::warn!(node_id = %node, error = %e, "an operator's cordon or drain from before the restart could not be applied");
+        }
+    }
+}
+
+/// What closes the difference between the broker's drain of a node and its agent's, at the
+/// agent's hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DrainSync {
+    /// They agree, or differ harmlessly: a cordoned node whose agent still drains (it
+    /// refuses what the broker does not send; an uncordon sends it a resume).
+    Agree,
+    /// The agent drains until this deadline and the broker holds no decision about the node
+    /// (it restarted without one in its store): the broker drains the node too, so that it
+    /// stops choosing a node that refuses.
+    Adopt(Timestamp),
+    /// The broker drains the node and its agent does not (it restarted): tell the agent.
+    Tell(Timestamp),
+    /// The agent drains, but the broker had lifted the drain (the resume was lost with the
+    /// link): tell the agent to resume.
+    Resume,
+}
+
+/// Decides [`DrainSync`] from the node's state in the engine after its hello (with the
+/// operators' decisions from before a restart applied), whether the broker holds a decision
+/// about the node (it knew the node before this hello, or had its cordon or drain stored),
+/// and the agent's drain deadline from the hello.
+fn drain_sync(broker: NodeState, decided: bool, agent: Option<Timestamp>) -> DrainSync {
+    match (broker, agent) {
+        (NodeState::Draining { deadline }, None) => DrainSync::Tell(deadline),
+        (NodeState::Ready, Some(_)) if decided => DrainSync::Resume,
+        (NodeState::Ready, Some(deadline)) => DrainSync::Adopt(deadline),
+        _ => DrainSync::Agree,
+    }
 }
 
 /// Checks that the agent's client certificate (already verified against the fleet's CA) was
@@ -479,4 +665,41 @@ async fn bye(send: &mut quinn::SendStream, reason: GoodbyeReason, message: &str,
     let _ = send.finish();
     // Let the goodbye leave before the connection is dropped.
     tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AT: Timestamp = Timestamp::from_millis(1_800_000_600_000);
+
+    #[test]
+    fn the_brokers_decision_wins_and_the_agents_drain_fills_in_only_where_it_has_none() {
+        let draining = NodeState::Draining { deadline: AT };
+        // Agreement, or a harmless difference.
+        assert_eq!(drain_sync(NodeState::Ready, true, None), DrainSync::Agree);
+        assert_eq!(drain_sync(NodeState::Ready, false, None), DrainSync::Agree);
+        assert_eq!(drain_sync(draining, true, Some(AT)), DrainSync::Agree);
+        assert_eq!(
+            drain_sync(NodeState::Cordoned, true, Some(AT)),
+            DrainSync::Agree
+        );
+        assert_eq!(
+            drain_sync(NodeState::Cordoned, true, None),
+            DrainSync::Agree
+        );
+        // A restarted broker with nothing stored takes the agent's drain.
+        assert_eq!(
+            drain_sync(NodeState::Ready, false, Some(AT)),
+            DrainSync::Adopt(AT)
+        );
+        // A broker that lifted the drain tells the agent again; one that drains tells an
+        // agent that restarted.
+        assert_eq!(
+            drain_sync(NodeState::Ready, true, Some(AT)),
+            DrainSync::Resume
+        );
+        assert_eq!(drain_sync(draining, true, None), DrainSync::Tell(AT));
+        assert_eq!(drain_sync(draining, false, None), DrainSync::Tell(AT));
+    }
 }

@@ -83,9 +83,10 @@ fn liveness(broker: &Broker) {
 /// The longest an agent waits between reconnect attempts (its link's backoff cap).
 const AGENT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// After a restart, placed sessions wait for their agents' hellos; those no agent reported
-/// within the down timeout, the node-lost grace and an agent's longest reconnect backoff end
-/// with `node-lost`.
+/// After a restart, placed sessions wait for their agents' hellos (a hello ends at once those
+/// its agent does not report, see `control`); those whose agent has not said hello within the
+/// down timeout, the node-lost grace and an agent's longest reconnect backoff end with
+/// `node-lost` (a reservation that lapses first ends `expired`, see `Broker::end_overdue`).
 async fn orphans(broker: &Broker) {
     let c = &broker.inner.config.control;
     let grace = Duration::from_millis(u64::from(c.down_after_ms) + u64::from(c.node_lost_grace_ms))
@@ -98,7 +99,7 @@ async fn orphans(broker: &Broker) {
         let lost: Vec<_> = st
             .sessions
             .values()
-            .filter(|e| e.record.state != SessionState::Queued)
+            .filter(|e| e.awaiting_agent && e.record.state != SessionState::Queued)
             .filter(|e| st.engine.session_state(&e.record.session_id).is_none())
             .map(|e| e.record.session_id)
             .collect();

@@ -21,7 +21,7 @@ pub mod view;
 pub mod webhook;
 mod writer;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ use framecast_shared::config::BrokerConfig;
 use framecast_shared::config::broker::TenantConfig;
 use framecast_shared::ids::{GameId, GenreName, NodeId, RegionName, SessionId, TierName};
 use framecast_shared::protocol::{Message, Release, Reserve};
-use framecast_shared::state::{EndReason, SessionState};
+use framecast_shared::state::{EndReason, NodeState, SessionState};
 use framecast_shared::tier::TierPreset;
 use framecast_shared::time::Timestamp;
 use framecast_shared::token::{Claims, TokenSigner};
@@ -42,7 +42,9 @@ use crate::placement::{
     Decision, Engine, EngineConfig, EngineEvent, Fallback, PlaceRequest, Placement, Priority,
     RegionRtt, RejectReason, strategy,
 };
-use crate::store::{Claim, IdempotencyRecord, Store, StoredSession, Write, Written};
+use crate::store::{
+    Claim, IdempotencyRecord, Store, StoreError, StoredNode, StoredSession, Write, Written,
+};
 use tenants::{RateLimits, Tenants};
 use view::{CreateSession, SessionView};
 
@@ -125,6 +127,9 @@ struct Entry {
     whep_url: Option<String>,
     /// The player's last input, as the agent reported it.
     last_input: Option<Timestamp>,
+    /// Placed before a broker restart, and not yet reported by its node's agent: the engine
+    /// does not hold it until that agent's hello does.
+    awaiting_agent: bool,
 }
 
 /// A connected agent.
@@ -176,6 +181,9 @@ struct State {
     engine_placed: Vec<Placement>,
     /// The pool planner, beside the engine it reads; `None` when `planner.enabled` is off.
     planning: Option<planning::Planning>,
+    /// Operators' cordons and drains from before a restart, by node, not yet re-applied to
+    /// the engine: each is applied when its node's agent first says hello.
+    restore_nodes: HashMap<NodeId, StoredNode>,
 }
 
 /// Everything the service shares between its tasks.
@@ -264,6 +272,7 @@ impl Broker {
                     requeue: Vec::new(),
                     engine_placed: Vec::new(),
                     planning,
+                    restore_nodes: HashMap::new(),
                 }),
                 links: DashMap::new(),
                 seen: DashMap::new(),
@@ -343,9 +352,15 @@ impl Broker {
             .store
             .sessions()
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let nodes = self
+            .inner
+            .store
+            .nodes()
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
         let mut st = self.state();
         for record in stored {
-            if record.state == SessionState::Queued {
+            let queued = record.state == SessionState::Queued;
+            if queued {
                 st.requeue.push(record.session_id);
             }
             st.sessions.insert(
@@ -355,12 +370,17 @@ impl Broker {
                     token: None,
                     whep_url: None,
                     last_input: None,
+                    awaiting_agent: !queued,
                 },
             );
         }
+        for node in nodes {
+            st.restore_nodes.insert(node.node_id.clone(), node);
+        }
         tracing::info!(
             sessions = st.sessions.len(),
-            "sessions recovered from the store"
+            nodes = st.restore_nodes.len(),
+            "sessions and operators' node decisions recovered from the store"
         );
         drop(st);
         self.inner.wake.notify_one();
@@ -457,6 +477,7 @@ impl Broker {
                     token: None,
                     whep_url: None,
                     last_input: None,
+                    awaiting_agent: false,
                 },
             );
             // Demand, whether or not it can be served: in this broker's region, the only one
@@ -849,6 +870,7 @@ impl Broker {
                 token: Some(token),
                 whep_url,
                 last_input: None,
+                awaiting_agent: false,
             },
             warm,
         ))
@@ -1114,54 +1136,101 @@ impl Broker {
         self.inner.links.contains_key(node)
     }
 
-    /// `POST /v1/nodes/{id}/cordon`.
-    pub fn cordon(&self, node: &NodeId) -> Result<(), ServiceError> {
-        self.state().engine.cordon(node).map_err(node_error)
+    /// `POST /v1/nodes/{id}/cordon`: no new sessions on the node. Recorded in the store, so a
+    /// restarted broker cordons the node again when its agent says hello.
+    pub async fn cordon(&self, node: &NodeId) -> Result<(), ServiceError> {
+        let recorded = {
+            let mut st = self.state();
+            st.engine.cordon(node).map_err(node_error)?;
+            self.record_node(&st.engine, node)
+        };
+        self.recorded(node, recorded).await
     }
 
-    /// `POST /v1/nodes/{id}/uncordon`: also cancels a drain, on the agent too.
+    /// `POST /v1/nodes/{id}/uncordon`: also cancels a drain, on the agent too; the store
+    /// forgets the node's cordon or drain.
     pub async fn uncordon(&self, node: &NodeId) -> Result<(), ServiceError> {
-        let was_draining = {
+        let (recorded, unsent) = {
             let mut st = self.state();
-            // One node's state, not a view of the whole fleet.
-            let fleet = st.engine.fleet();
-            let draining = fleet
-                .node_idx
-                .get(node)
-                .and_then(|&i| fleet.node(i))
-                .is_some_and(|n| {
-                    matches!(n.state, framecast_shared::state::NodeState::Draining { .. })
-                });
             st.engine
                 .uncordon(node, Timestamp::now())
                 .map_err(node_error)?;
-            draining
-        };
-        if was_draining {
-            self.send(
-                node,
-                Message::Resume(framecast_shared::protocol::Resume {
-                    reason: "an operator uncordoned the node".into(),
-                }),
+            // Whatever the engine says, the agent may still be draining: a drain that reached
+            // its deadline leaves the node cordoned here but the agent draining, and a drain
+            // may have reached the agent before a broker restart. A resume to an agent that is
+            // not draining changes nothing. Queued under the lock, so that it reaches the agent
+            // in the order of the operators' calls.
+            let resume = Message::Resume(framecast_shared::protocol::Resume {
+                reason: "an operator uncordoned the node".into(),
+            });
+            (
+                self.record_node(&st.engine, node),
+                self.queue_now(node, resume),
             )
-            .await;
+        };
+        if let Some(message) = unsent {
+            self.send(node, message).await;
         }
         self.inner.wake.notify_one();
-        Ok(())
+        self.recorded(node, recorded).await
     }
 
-    /// `POST /v1/nodes/{id}/drain`: no new sessions; running ones end at `deadline`.
+    /// `POST /v1/nodes/{id}/drain`: no new sessions; running ones end at `deadline`. Recorded
+    /// in the store with its deadline, so a restarted broker drains the node again (or, past
+    /// the deadline, cordons it) when its agent says hello.
     pub async fn drain(&self, node: &NodeId, deadline: Timestamp) -> Result<(), ServiceError> {
-        self.state()
-            .engine
-            .drain(node, deadline)
-            .map_err(node_error)?;
-        self.send(
-            node,
-            Message::Drain(framecast_shared::protocol::Drain { deadline }),
-        )
-        .await;
-        Ok(())
+        let (recorded, unsent) = {
+            let mut st = self.state();
+            st.engine.drain(node, deadline).map_err(node_error)?;
+            let drain = Message::Drain(framecast_shared::protocol::Drain { deadline });
+            (
+                self.record_node(&st.engine, node),
+                self.queue_now(node, drain),
+            )
+        };
+        if let Some(message) = unsent {
+            self.send(node, message).await;
+        }
+        self.recorded(node, recorded).await
+    }
+
+    /// Queues the store write that records `node`'s cordon or drain as `engine` now has it
+    /// (or forgets it). Called under the state lock, so that the store sees the operators'
+    /// decisions in the order the engine took them.
+    fn record_node(&self, engine: &Engine, node: &NodeId) -> Result<writer::Pending, StoreError> {
+        self.inner
+            .writer
+            .submit(node_write(engine, node, Timestamp::now()))
+    }
+
+    /// Waits for a write queued by [`Broker::record_node`].
+    async fn recorded(
+        &self,
+        node: &NodeId,
+        pending: Result<writer::Pending, StoreError>,
+    ) -> Result<(), ServiceError> {
+        let written = match pending {
+            Ok(pending) => pending.wait().await,
+            Err(e) => Err(e),
+        };
+        written.map(|_| ()).map_err(|e| {
+            tracing::error!(node_id = %node, error = %e, "could not record a node's cordon or drain");
+            ServiceError::Internal(format!(
+                "node {node}: the change applies, but the store could not record it, so a \
+                 broker restart would forget it: {e}"
+            ))
+        })
+    }
+
+    /// Queues `message` for `node`'s agent without waiting. Gives it back when the link's
+    /// queue is full (the caller sends it the slow way); `None` when it was queued, or when
+    /// the node has no link (its next hello reconciles the two).
+    fn queue_now(&self, node: &NodeId, message: Message) -> Option<Message> {
+        let link = self.inner.links.get(node)?;
+        match link.tx.try_send(message) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => None,
+            Err(mpsc::error::TrySendError::Full(message)) => Some(message),
+        }
     }
 
     /// Runs the engine's timers and turns its events into effects; the driver calls this.
@@ -1212,6 +1281,17 @@ impl Broker {
         for id in too_long {
             tracing::info!(session_id = %id, "session reached its maximum length");
             self.end(&id, EndReason::MaxLength, true).await;
+        }
+        // The engine times the reservations it made; this also catches those it does not
+        // hold the same way: a reservation from before a restart whose agent has not said
+        // hello yet, or one its agent reported, which the engine gave a fresh TTL.
+        let lapsed = {
+            let st = self.state();
+            past_reservation(st.sessions.values().map(|e| &e.record), now)
+        };
+        for id in lapsed {
+            tracing::info!(session_id = %id, "reservation lapsed");
+            self.end(&id, EndReason::Expired, true).await;
         }
     }
 
@@ -1369,6 +1449,39 @@ fn past_max_length<'a>(
         .collect()
 }
 
+/// Reserved sessions in `sessions` whose reservation (`expires_at`) has lapsed at `now`.
+fn past_reservation<'a>(
+    sessions: impl Iterator<Item = &'a StoredSession>,
+    now: Timestamp,
+) -> Vec<SessionId> {
+    sessions
+        .filter(|r| r.state == SessionState::Reserved)
+        .filter(|r| r.expires_at.is_some_and(|at| at <= now))
+        .map(|r| r.session_id)
+        .collect()
+}
+
+/// The store write that records `node`'s cordon or drain as `engine` has it now: the drain's
+/// deadline while it drains, a cordon while an operator's cordon stands (a finished drain
+/// included), else nothing (the row goes).
+fn node_write(engine: &Engine, node: &NodeId, now: Timestamp) -> Write {
+    let fleet = engine.fleet();
+    let held = fleet.node_idx.get(node).and_then(|&i| fleet.node(i));
+    let drain_deadline = match held.map(|n| n.state) {
+        Some(NodeState::Draining { deadline }) => Some(deadline),
+        _ => None,
+    };
+    if drain_deadline.is_some() || held.is_some_and(|n| n.cordoned) {
+        Write::PutNode(StoredNode {
+            node_id: node.clone(),
+            drain_deadline,
+            since: now,
+        })
+    } else {
+        Write::RemoveNode(node.clone())
+    }
+}
+
 fn place_request(record: &StoredSession, queue: bool) -> PlaceRequest {
     PlaceRequest {
         session_id: record.session_id,
@@ -1516,6 +1629,94 @@ mod tests {
         ];
         let over = past_max_length(&config, rs.iter(), Timestamp::from_millis(1_800_000));
         assert_eq!(over, vec![rs[0].session_id]);
+    }
+
+    #[test]
+    fn a_reservation_lapses_at_its_expiry_and_only_while_reserved() {
+        let at = |s: u64| Timestamp::from_millis(s * 1000);
+        let mut reserved = record("720p", "acme", Some(0));
+        reserved.state = SessionState::Reserved;
+        reserved.expires_at = Some(at(60));
+        let mut later = reserved.clone();
+        later.session_id = SessionId::new(at(1), 97);
+        later.expires_at = Some(at(90));
+        // Playing: the expiry no longer applies (the agent's update clears it, but a stale
+        // value must not end it either).
+        let mut playing = reserved.clone();
+        playing.session_id = SessionId::new(at(1), 96);
+        playing.state = SessionState::Active;
+        let mut no_expiry = reserved.clone();
+        no_expiry.session_id = SessionId::new(at(1), 95);
+        no_expiry.expires_at = None;
+        let all = [&reserved, &later, &playing, &no_expiry];
+        assert!(past_reservation(all.into_iter(), at(59)).is_empty());
+        assert_eq!(
+            past_reservation(all.into_iter(), at(60)),
+            vec![reserved.session_id]
+        );
+        assert_eq!(past_reservation(all.into_iter(), at(1000)).len(), 2);
+    }
+
+    #[test]
+    fn a_nodes_stored_decision_follows_the_engine() {
+        use framecast_shared::gpu::{GpuMode, models};
+
+        let config = BrokerConfig::default();
+        let mut engine = Engine::new(
+            config.tier_presets(),
+            config.genre_profiles(),
+            EngineConfig::from_broker(&config),
+            strategy::by_name("genre-weighted", 0).unwrap(),
+        );
+        let now = Timestamp::from_millis(1_800_000_000_000);
+        let hello = crate::placement::simulated::hello(
+            "gpu-a",
+            config.region.as_str(),
+            &models::l4(),
+            GpuMode::EqualSize,
+            1,
+            1,
+        )
+        .unwrap();
+        engine.reconcile(&hello, now).unwrap();
+        let node = NodeId::new("gpu-a").unwrap();
+        let stored = |w: Write| match w {
+            Write::PutNode(n) => {
+                assert_eq!(n.node_id, node);
+                Some(n.drain_deadline)
+            }
+            Write::RemoveNode(n) => {
+                assert_eq!(n, node);
+                None
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(stored(node_write(&engine, &node, now)), None, "ready");
+        engine.cordon(&node).unwrap();
+        assert_eq!(stored(node_write(&engine, &node, now)), Some(None));
+        let deadline = now.saturating_add(Duration::from_secs(600));
+        engine.drain(&node, deadline).unwrap();
+        assert_eq!(
+            stored(node_write(&engine, &node, now)),
+            Some(Some(deadline))
+        );
+        // A cordon of a draining node keeps the drain.
+        engine.cordon(&node).unwrap();
+        assert_eq!(
+            stored(node_write(&engine, &node, now)),
+            Some(Some(deadline))
+        );
+        // The drain finishes: the node stays cordoned.
+        engine.expire(deadline);
+        assert_eq!(stored(node_write(&engine, &node, now)), Some(None));
+        engine.uncordon(&node, now).unwrap();
+        assert_eq!(stored(node_write(&engine, &node, now)), None);
+        // A node the engine does not know has nothing to record.
+        let other = NodeId::new("gpu-z").unwrap();
+        assert!(matches!(
+            node_write(&engine, &other, now),
+            Write::RemoveNode(n) if n == other
+        ));
     }
 
     #[test]

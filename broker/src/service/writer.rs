@@ -51,10 +51,28 @@ impl StoreWriter {
 
     /// Applies `write` durably; returns when it is on disk.
     pub(crate) async fn write(&self, write: Write) -> Result<Written, StoreError> {
+        self.submit(write)?.wait().await
+    }
+
+    /// Queues `write` at once, without waiting: writes submitted in some order are applied in
+    /// that order, so a caller that submits while it holds the lock its change was made under
+    /// keeps the store's order that of the changes. Await the answer with [`Pending::wait`].
+    pub(crate) fn submit(&self, write: Write) -> Result<Pending, StoreError> {
         let (reply, done) = oneshot::channel();
         self.jobs
             .send((write, reply))
             .map_err(|_| StoreError::WriterStopped)?;
-        done.await.map_err(|_| StoreError::WriterStopped)?
+        Ok(Pending(done))
+    }
+}
+
+/// A submitted write's answer, to come.
+#[derive(Debug)]
+pub(crate) struct Pending(oneshot::Receiver<Result<Written, StoreError>>);
+
+impl Pending {
+    /// Waits until the write is on disk (or failed).
+    pub(crate) async fn wait(self) -> Result<Written, StoreError> {
+        self.0.await.map_err(|_| StoreError::WriterStopped)?
     }
 }

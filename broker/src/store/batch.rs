@@ -8,14 +8,15 @@
 
 use redb::{ReadableTable, WriteTransaction};
 
-use framecast_shared::ids::{SessionId, TenantId};
+use framecast_shared::ids::{NodeId, SessionId, TenantId};
 use framecast_shared::state::EndReason;
 use framecast_shared::time::Timestamp;
 
-use super::records::{AuditRecord, IdempotencyRecord, StoredSession};
+use super::records::{AuditRecord, IdempotencyRecord, StoredNode, StoredSession};
 use super::{
     AUDIT, AUDIT_NAME, Claim, IDEMPOTENCY, IDEMPOTENCY_BY_TIME, IDEMPOTENCY_NAME, IdempotencyKey,
-    SESSIONS, SESSIONS_NAME, SessionKey, Store, StoreError, claim_in, decode, encode, session_key,
+    NODES, NODES_NAME, SESSIONS, SESSIONS_NAME, SessionKey, Store, StoreError, claim_in, decode,
+    encode, session_key,
 };
 
 /// One write of a batch.
@@ -46,6 +47,10 @@ pub enum Write {
         /// Its idempotency claim, to remove too.
         idempotency: Option<(TenantId, String)>,
     },
+    /// [`Store::put_node`].
+    PutNode(StoredNode),
+    /// [`Store::remove_node`].
+    RemoveNode(NodeId),
 }
 
 /// What one write did.
@@ -59,6 +64,10 @@ pub enum Written {
     Ended(Option<AuditRecord>),
     /// Gone.
     Discarded,
+    /// The node's cordon or drain is recorded.
+    NodeRecorded,
+    /// Whether the node had a cordon or drain recorded, now removed.
+    NodeRemoved(bool),
 }
 
 impl Store {
@@ -163,6 +172,16 @@ fn apply(txn: &WriteTransaction, w: &Write) -> Result<Written, StoreError> {
             }
             Ok(Written::Discarded)
         }
+        Write::PutNode(node) => {
+            let value = encode(NODES_NAME, node)?;
+            txn.open_table(NODES)?
+                .insert(node.node_id.as_str(), value.as_slice())?;
+            Ok(Written::NodeRecorded)
+        }
+        Write::RemoveNode(node) => {
+            let removed = txn.open_table(NODES)?.remove(node.as_str())?.is_some();
+            Ok(Written::NodeRemoved(removed))
+        }
     }
 }
 
@@ -247,6 +266,30 @@ mod tests {
         assert!(matches!(done[4], Ok(Written::Ended(None))), "billed once");
         assert!(store.sessions().unwrap().is_empty());
         assert_eq!(store.audit(None, None).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn node_decisions_apply_in_order_within_a_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let node = |deadline: Option<u64>| StoredNode {
+            node_id: NodeId::new("gpu-a").unwrap(),
+            drain_deadline: deadline.map(Timestamp::from_millis),
+            since: Timestamp::from_millis(1_000),
+        };
+        let id = NodeId::new("gpu-a").unwrap();
+        // Cordon, drain, uncordon, cordon: the last one stands.
+        let done = store.write_batch(&[
+            Write::PutNode(node(None)),
+            Write::PutNode(node(Some(9_000))),
+            Write::RemoveNode(id.clone()),
+            Write::RemoveNode(id.clone()),
+            Write::PutNode(node(None)),
+        ]);
+        assert!(matches!(done[0], Ok(Written::NodeRecorded)));
+        assert!(matches!(done[2], Ok(Written::NodeRemoved(true))));
+        assert!(matches!(done[3], Ok(Written::NodeRemoved(false))));
+        assert_eq!(store.nodes().unwrap(), vec![node(None)]);
     }
 
     #[test]

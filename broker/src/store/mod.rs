@@ -1,4 +1,5 @@
-//! The broker's durable store: live sessions, idempotency keys and the audit log.
+//! The broker's durable store: live sessions, idempotency keys, the audit log and the
+//! operators' cordons and drains.
 //!
 //! One [redb] file, `<data_dir>/broker.redb`: an embedded, crash-safe, copy-on-write B-tree
 //! store. A committed write transaction survives a crash whole; one that did not commit leaves
@@ -10,6 +11,7 @@
 //! | `idempotency` | (tenant, key) | [`IdempotencyRecord`] |
 //! | `idempotency_by_time` | (claimed at in Unix ms, tenant, key) | nothing: the expiry index |
 //! | `audit` | (ended at in Unix ms, session id bytes), so a time range is a range scan | [`AuditRecord`] |
+//! | `nodes` | the node id | [`StoredNode`]: a cordon, or a drain and its deadline |
 //! | `meta` | `"schema_version"` | the layout version, refused when newer than this build's |
 //!
 //! Every value is CBOR written through one helper, so all tables share one encoding, and a
@@ -39,19 +41,24 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use framecast_shared::ids::{SessionId, TenantId};
+use framecast_shared::ids::{NodeId, SessionId, TenantId};
 use framecast_shared::state::EndReason;
 use framecast_shared::time::Timestamp;
 
 pub use batch::{Write, Written};
 pub use export::{ExportFormat, UnknownExportFormat, export};
-pub use records::{AuditRecord, IdempotencyRecord, StoredSession};
+pub use records::{AuditRecord, IdempotencyRecord, StoredNode, StoredSession};
 
 /// The store's file name inside the broker's data directory.
 pub const FILE_NAME: &str = "broker.redb";
 
 /// The table layout this build reads and writes. A file with a newer layout is refused rather
 /// than misread; an older one is migrated on open (none exists yet).
+///
+/// A table added later does not change it: [`Store::open`] creates missing tables, so a file
+/// from an older build opens with the new table empty, and an older build ignores a table it
+/// does not know. Only a change an older build would misread (a key or value layout changed
+/// in place) bumps it.
 pub const SCHEMA_VERSION: u64 = 1;
 
 /// Why a store operation failed.
@@ -321,6 +328,43 @@ impl Store {
         }
     }
 
+    /// Records an operator's cordon or drain of `node.node_id`, replacing the earlier one.
+    pub fn put_node(&self, node: &StoredNode) -> Result<(), StoreError> {
+        self.write_one(Write::PutNode(node.clone())).map(|_| ())
+    }
+
+    /// Forgets the cordon or drain of `node` (an uncordon). Returns whether one was stored.
+    pub fn remove_node(&self, node: &NodeId) -> Result<bool, StoreError> {
+        match self.write_one(Write::RemoveNode(node.clone()))? {
+            Written::NodeRemoved(present) => Ok(present),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The stored cordon or drain of `node`, if there is one.
+    pub fn node(&self, node: &NodeId) -> Result<Option<StoredNode>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let nodes = txn.open_table(NODES)?;
+        match nodes.get(node.as_str())? {
+            Some(row) => decode(NODES_NAME, &node.as_str(), row.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Every stored cordon and drain, by node id: what a restarted broker re-applies to each
+    /// node when its agent says hello.
+    pub fn nodes(&self) -> Result<Vec<StoredNode>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let nodes = txn.open_table(NODES)?;
+        nodes
+            .iter()?
+            .map(|row| {
+                let (key, value) = row?;
+                decode(NODES_NAME, &key.value(), value.value())
+            })
+            .collect()
+    }
+
     /// The claim on `key` by `tenant`, if there is one (expired claims stay until
     /// [`Store::expire_idempotency`] removes them).
     pub fn idempotency_get(
@@ -426,6 +470,7 @@ const IDEMPOTENCY_NAME: &str = "idempotency";
 const IDEMPOTENCY_BY_TIME_NAME: &str = "idempotency_by_time";
 const AUDIT_NAME: &str = "audit";
 const META_NAME: &str = "meta";
+const NODES_NAME: &str = "nodes";
 
 const SESSIONS: TableDefinition<'_, [u8; 16], &[u8]> = TableDefinition::new(SESSIONS_NAME);
 const IDEMPOTENCY: TableDefinition<'_, (&str, &str), &[u8]> =
@@ -434,17 +479,20 @@ const IDEMPOTENCY_BY_TIME: TableDefinition<'_, (u64, &str, &str), ()> =
     TableDefinition::new(IDEMPOTENCY_BY_TIME_NAME);
 const AUDIT: TableDefinition<'_, (u64, [u8; 16]), &[u8]> = TableDefinition::new(AUDIT_NAME);
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new(META_NAME);
+const NODES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new(NODES_NAME);
 
 const SCHEMA_VERSION_KEY: &str = "schema_version";
 
-/// Creates every table so that read transactions find them, records the schema version in a
-/// new file, and returns the file's version.
+/// Creates every table so that read transactions find them (a file from an older build gets
+/// the tables added since, empty), records the schema version in a new file, and returns the
+/// file's version.
 fn init_tables(db: &Database) -> Result<u64, StoreError> {
     let txn = db.begin_write()?;
     txn.open_table(SESSIONS)?;
     txn.open_table(IDEMPOTENCY)?;
     txn.open_table(IDEMPOTENCY_BY_TIME)?;
     txn.open_table(AUDIT)?;
+    txn.open_table(NODES)?;
     let version = {
         let mut meta = txn.open_table(META)?;
         let stored = meta.get(SCHEMA_VERSION_KEY)?.map(|v| v.value());
@@ -849,6 +897,89 @@ mod tests {
         );
     }
 
+    fn stored_node(name: &str, drain_deadline: Option<u64>) -> StoredNode {
+        StoredNode {
+            node_id: NodeId::new(name).unwrap(),
+            drain_deadline: drain_deadline.map(Timestamp::from_millis),
+            since: Timestamp::from_millis(T0),
+        }
+    }
+
+    #[test]
+    fn node_cordons_and_drains_round_trip_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let cordoned = stored_node("gpu-a", None);
+        let draining = stored_node("gpu-b", Some(T0 + 600_000));
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(store.nodes().unwrap(), vec![]);
+            store.put_node(&draining).unwrap();
+            store.put_node(&cordoned).unwrap();
+            assert_eq!(
+                store.node(&cordoned.node_id).unwrap(),
+                Some(cordoned.clone())
+            );
+            assert_eq!(store.node(&NodeId::new("gpu-z").unwrap()).unwrap(), None);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.nodes().unwrap(),
+            vec![cordoned.clone(), draining.clone()],
+            "by node id"
+        );
+        // A later decision replaces the earlier one; an uncordon removes it, once.
+        let finished = stored_node("gpu-b", Some(T0));
+        store.put_node(&finished).unwrap();
+        assert_eq!(store.node(&draining.node_id).unwrap(), Some(finished));
+        assert!(store.remove_node(&cordoned.node_id).unwrap());
+        assert!(!store.remove_node(&cordoned.node_id).unwrap());
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.nodes().unwrap().len(), 1);
+        assert_eq!(store.node(&cordoned.node_id).unwrap(), None);
+    }
+
+    #[test]
+    fn a_file_from_before_the_nodes_table_opens_with_it_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // The layout of a store written before the table existed: the same schema
+            // version, without `nodes`.
+            let db = Database::create(dir.path().join(FILE_NAME)).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(SESSIONS).unwrap();
+            txn.open_table(IDEMPOTENCY).unwrap();
+            txn.open_table(IDEMPOTENCY_BY_TIME).unwrap();
+            txn.open_table(AUDIT).unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(SCHEMA_VERSION_KEY, 1)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.nodes().unwrap(), vec![]);
+        let node = stored_node("gpu-a", None);
+        store.put_node(&node).unwrap();
+        assert_eq!(store.nodes().unwrap(), vec![node]);
+    }
+
+    #[test]
+    fn a_node_row_that_does_not_decode_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        write_raw(&store, NODES, "gpu-a", b"\xa1\x00");
+        for err in [
+            store.nodes().unwrap_err(),
+            store.node(&NodeId::new("gpu-a").unwrap()).unwrap_err(),
+        ] {
+            assert!(
+                matches!(err, StoreError::Decode { table: "nodes", ref key, .. } if key == "gpu-a"),
+                "{err:?}"
+            );
+        }
+    }
+
     /// Writes `bytes` as the value of `key` in `table`, behind the store's back.
     fn write_raw<K: redb::Key + 'static>(
         store: &Store,
@@ -921,6 +1052,7 @@ mod tests {
             let _ = decode::<StoredSession>(SESSIONS_NAME, &"k", &bytes);
             let _ = decode::<AuditRecord>(AUDIT_NAME, &"k", &bytes);
             let _ = decode::<IdempotencyRecord>(IDEMPOTENCY_NAME, &"k", &bytes);
+            let _ = decode::<StoredNode>(NODES_NAME, &"k", &bytes);
         }
         // A valid encoding with a truncated tail is an error too.
         let full = encode(SESSIONS_NAME, &session(T0, 1)).unwrap();

@@ -1,4 +1,5 @@
-//! The rows the store keeps: live sessions, idempotency claims and audit records.
+//! The rows the store keeps: live sessions, idempotency claims, audit records and the
+//! operators' standing decisions about nodes.
 //!
 //! Every record is stored as CBOR (through the store's one encoding helper), so its serde
 //! field names are its on-disk schema. Records only grow: a field added later must carry
@@ -119,6 +120,25 @@ pub struct AuditRecord {
     pub framebuffer_mb: u64,
     /// Compute the slot held, in sixteenths of one GPU.
     pub compute_sixteenths: u8,
+}
+
+/// An operator's standing decision about a node: it is out of service (cordoned), and, when
+/// `drain_deadline` is set, draining until then. The row's presence is the cordon; an
+/// uncordon removes it. This is intent: what the broker re-applies to a node when its agent
+/// says hello after a broker restart.
+///
+/// Keyed by the node id. Fields added later must be `#[serde(default)]` (see the module
+/// documentation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredNode {
+    /// The node; also the row's key.
+    pub node_id: NodeId,
+    /// When the node's running sessions end with `drained`, if an operator drained it. A
+    /// deadline in the past means the drain has finished and the node is only cordoned.
+    pub drain_deadline: Option<Timestamp>,
+    /// When the operator (or, for a drain the broker learnt from the agent, the broker)
+    /// made the decision; for operators reading the store, not used by the broker.
+    pub since: Timestamp,
 }
 
 impl AuditRecord {

@@ -660,6 +660,48 @@ mod tests {
     }
 
     #[test]
+    fn the_hello_reports_a_drain_and_a_resume_is_harmless_when_not_draining() {
+        let resume = || {
+            Message::Resume(framecast_shared::protocol::Resume {
+                reason: "an operator uncordoned the node".into(),
+            })
+        };
+        let mut c = core();
+        c.handle(plan(1, 2, &[("arena", "4k", 1)]));
+        let (started, _) = run_commands(&mut c);
+        assert_eq!(started.len(), 1);
+        assert_eq!(c.hello(1).draining, None);
+        // The broker sends a resume on every uncordon, draining or not: nothing changes.
+        assert!(c.handle(resume()).is_empty());
+        let (started, stopped) = run_commands(&mut c);
+        assert_eq!((started.len(), stopped.len()), (0, 0));
+        assert_eq!(warm_slots(&c), [(0, "arena".to_owned())]);
+        assert_eq!(c.hello(1).draining, None);
+        assert!(matches!(
+            c.handle(reserve(9, "sim-1", 0, 1000)).as_slice(),
+            [Message::Reserved(_)]
+        ));
+        // A drain is reported in the hello, so a broker that lost it learns it again...
+        let deadline = Timestamp::from_millis(T0.as_millis() + 600_000);
+        c.handle(Message::Drain(Drain { deadline }));
+        let (_, stopped) = run_commands(&mut c);
+        assert_eq!(stopped.len(), 1);
+        for key in stopped {
+            c.exited(&key, T0, Duration::from_secs(60));
+        }
+        assert_eq!(c.hello(1).draining, Some(deadline));
+        // ...and a resume lifts it: sessions are taken and warm instances come back.
+        c.handle(resume());
+        assert_eq!(c.hello(1).draining, None);
+        let (started, _) = run_commands(&mut c);
+        assert_eq!(started.len(), 1);
+        assert!(matches!(
+            c.handle(reserve(10, "sim-1", 1, 1000)).as_slice(),
+            [Message::Reserved(_)]
+        ));
+    }
+
+    #[test]
     fn a_replacement_waits_for_the_slot_of_an_instance_still_stopping() {
         let mut c = core();
         c.handle(plan(1, 2, &[("arena", "4k", 2)]));

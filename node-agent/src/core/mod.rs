@@ -590,6 +590,8 @@ impl AgentState for AgentCore {
             warm: self.warm_instances(),
             cpu_millicores: self.cpu_millicores,
             whep_url: self.whep_url.clone(),
+            // So a broker that lost the drain (or never recorded it) stops placing here.
+            draining: self.draining,
         }
     }
 

@@ -158,6 +158,56 @@ fn absent_optional_fields_read_as_none() {
 }
 
 #[test]
+fn a_hello_from_an_agent_that_does_not_report_draining_reads_as_not_draining() {
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: "0.1.0".into(),
+        node_id: crate::ids::NodeId::new("gpu-1").unwrap(),
+        region: crate::ids::RegionName::new("eu").unwrap(),
+        generation: 4,
+        gpus: Vec::new(),
+        sessions: Vec::new(),
+        warm: Vec::new(),
+        cpu_millicores: None,
+        whep_url: None,
+        draining: Some(Timestamp::from_millis(1_700_000_600_000)),
+    };
+    let mut value = to_value(&Message::Hello(hello.clone()));
+    let Value::Map(entries) = &value else {
+        panic!("map")
+    };
+    let draining = entries
+        .iter()
+        .find(|(k, _)| k.as_text() == Some("draining"))
+        .map(|(_, v)| v.clone());
+    assert_eq!(
+        draining,
+        Some(Value::Integer(1_700_000_600_000_u64.into())),
+        "the deadline travels as Unix milliseconds"
+    );
+    assert_eq!(
+        decode_message(&encode_value(&value)).unwrap(),
+        Message::Hello(hello.clone())
+    );
+    // An agent built before the field leaves it out.
+    let Value::Map(entries) = &mut value else {
+        panic!("map")
+    };
+    entries.retain(|(k, _)| k.as_text() != Some("draining"));
+    let Message::Hello(old) = decode_message(&encode_value(&value)).unwrap() else {
+        panic!("not a hello")
+    };
+    assert_eq!(old.draining, None);
+    assert_eq!(
+        old,
+        Hello {
+            draining: None,
+            ..hello
+        }
+    );
+}
+
+#[test]
 fn the_wire_shape_is_a_map_tagged_by_type() {
     let release = Message::Release(Release {
         session_id: SessionId::new(Timestamp::from_millis(1_700_000_000_000), 1),

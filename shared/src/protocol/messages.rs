@@ -103,6 +103,12 @@ pub struct Hello {
     /// (`https://gpu-host-01.example.net:8443`); the broker appends the session's path.
     #[serde(default)]
     pub whep_url: Option<String>,
+    /// The deadline of the drain the agent is under (it refuses new sessions), from a `drain`
+    /// no `resume` has cancelled since the agent started; `None` when it is not draining, and
+    /// from an agent too old to say. The broker takes it as observed state: a node it holds no
+    /// decision about is put into draining, so placements stop going where they are refused.
+    #[serde(default)]
+    pub draining: Option<Timestamp>,
 }
 
 /// An idle game instance kept warm in a vGPU slot.
