@@ -23,7 +23,6 @@ mod chromium;
 mod http;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -40,10 +39,9 @@ use framecast_shared::config::planner::WebhookUrl;
 use framecast_shared::ids::NodeId;
 use framecast_shared::state::EndReason;
 
-use http::request;
+use http::{request, wait_for};
 
 const KEY: &str = "dev-key";
-const LIMIT: Duration = Duration::from_secs(30);
 const NODE: &str = "dev-node-1";
 /// Ample for the player page to connect its session (well under a second on loopback), short
 /// enough that the test need not wait long for an unused one to expire.
@@ -399,24 +397,6 @@ async fn connected(addr: SocketAddr) {
         (list.len() == 1 && list[0]["connected"] == true).then_some(())
     })
     .await;
-}
-
-/// Polls `probe` until it answers `Some`, for at most [`LIMIT`].
-async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    timeout(LIMIT, async {
-        loop {
-            if let Some(v) = probe().await {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting until {what}"))
 }
 
 /// A loopback port nothing listens on now (another process could take it before the agent

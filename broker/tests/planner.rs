@@ -12,7 +12,6 @@
 
 mod http;
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -25,7 +24,7 @@ use framecast_broker::dev::{Dev, DevOptions, Tune, start_dev};
 use framecast_shared::config::BrokerConfig;
 use framecast_shared::config::planner::WebhookUrl;
 
-use http::{Response, request};
+use http::{Response, request, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(30);
 const KEY: &str = "dev-key";
@@ -95,24 +94,6 @@ async fn allocate(addr: SocketAddr, game: &str, tier: &str, player: &str) -> ser
     .await;
     assert_eq!(r.status, 201, "{}", r.body);
     r.json()
-}
-
-/// Polls `probe` until it answers `Some`, for at most [`LIMIT`].
-async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    timeout(LIMIT, async {
-        loop {
-            if let Some(v) = probe().await {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting until {what}"))
 }
 
 /// The target of `game` at `tier` in a list of targets.

@@ -76,6 +76,13 @@ async fn delete(addr: SocketAddr, path: &str) -> Response {
     .await
 }
 
+/// `POST /v1/nodes/{node}/{op}` (`cordon`, `uncordon`) with the dev key, which must answer
+/// 204.
+async fn node_op(addr: SocketAddr, node: &str, op: &str) {
+    let r = post(addr, &format!("/v1/nodes/{node}/{op}"), "", &[]).await;
+    assert_eq!(r.status, 204, "{op} {node}: {}", r.body);
+}
+
 fn session(game: &str, tier: &str, player: &str) -> String {
     format!(r#"{{"game":"{game}","tier":"{tier}","player_id":"{player}"}}"#)
 }
@@ -312,12 +319,7 @@ async fn operators_cordon_and_drain_nodes_and_others_may_not() {
     let addr = dev.broker().http;
     let nodes = dev.nodes();
     let (a, b) = (nodes[0].to_string(), nodes[1].to_string());
-    assert_eq!(
-        post(addr, &format!("/v1/nodes/{a}/cordon"), "", &[])
-            .await
-            .status,
-        204
-    );
+    node_op(addr, &a, "cordon").await;
     for i in 0..2 {
         let r = post(
             addr,
@@ -332,12 +334,7 @@ async fn operators_cordon_and_drain_nodes_and_others_may_not() {
             "the cordoned node gets nothing"
         );
     }
-    assert_eq!(
-        post(addr, &format!("/v1/nodes/{a}/uncordon"), "", &[])
-            .await
-            .status,
-        204
-    );
+    node_op(addr, &a, "uncordon").await;
     assert_eq!(
         post(
             addr,
@@ -389,18 +386,8 @@ async fn operators_cordon_and_drain_nodes_and_others_may_not() {
     assert_eq!(reserved, 3, "explain reserved nothing");
     // Uncordoning the draining node cancels the drain on its agent too: with A cordoned,
     // B takes sessions again.
-    assert_eq!(
-        post(addr, &format!("/v1/nodes/{b}/uncordon"), "", &[])
-            .await
-            .status,
-        204
-    );
-    assert_eq!(
-        post(addr, &format!("/v1/nodes/{a}/cordon"), "", &[])
-            .await
-            .status,
-        204
-    );
+    node_op(addr, &b, "uncordon").await;
+    node_op(addr, &a, "cordon").await;
     let r = post(
         addr,
         "/v1/sessions",
@@ -410,12 +397,7 @@ async fn operators_cordon_and_drain_nodes_and_others_may_not() {
     .await;
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(r.json()["node_id"], b.as_str());
-    assert_eq!(
-        post(addr, &format!("/v1/nodes/{a}/uncordon"), "", &[])
-            .await
-            .status,
-        204
-    );
+    node_op(addr, &a, "uncordon").await;
     dev.stop().await;
 }
 
@@ -817,12 +799,7 @@ async fn cordons_and_drains_survive_a_broker_restart() {
     let addr = dev.broker().http;
     let nodes = dev.nodes();
     let (a, b) = (nodes[0].to_string(), nodes[1].to_string());
-    assert_eq!(
-        post(addr, &format!("/v1/nodes/{a}/cordon"), "", &[])
-            .await
-            .status,
-        204
-    );
+    node_op(addr, &a, "cordon").await;
     assert_eq!(
         post(
             addr,
@@ -855,12 +832,7 @@ async fn cordons_and_drains_survive_a_broker_restart() {
         "{p}"
     );
     // Once the cordon is lifted, sessions go to that node, not to the draining one.
-    assert_eq!(
-        post(addr, &format!("/v1/nodes/{a}/uncordon"), "", &[])
-            .await
-            .status,
-        204
-    );
+    node_op(addr, &a, "uncordon").await;
     for i in 1..3 {
         let r = post(
             addr,
@@ -903,18 +875,8 @@ async fn an_uncordon_after_a_finished_drain_lets_the_node_take_sessions_again() 
     wait_for_node_state(addr, &b, "cordoned").await;
     // With A cordoned, B is the only choice once uncordoned: its agent must have been told
     // to resume, or it refuses the session (503).
-    assert_eq!(
-        post(addr, &format!("/v1/nodes/{a}/cordon"), "", &[])
-            .await
-            .status,
-        204
-    );
-    assert_eq!(
-        post(addr, &format!("/v1/nodes/{b}/uncordon"), "", &[])
-            .await
-            .status,
-        204
-    );
+    node_op(addr, &a, "cordon").await;
+    node_op(addr, &b, "uncordon").await;
     let r = post(
         addr,
         "/v1/sessions",

@@ -7,7 +7,9 @@
     clippy::indexing_slicing
 )]
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -131,4 +133,26 @@ impl EventStream {
             }
         }
     }
+}
+
+/// How long [`wait_for`] polls before it fails the test.
+pub(crate) const WAIT_LIMIT: Duration = Duration::from_secs(30);
+
+/// Polls `probe` every 50 ms until it answers `Some`, for at most [`WAIT_LIMIT`]; a test that
+/// waits longer fails, naming `what` it waited for.
+pub(crate) async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    tokio::time::timeout(WAIT_LIMIT, async {
+        loop {
+            if let Some(v) = probe().await {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting until {what}"))
 }
