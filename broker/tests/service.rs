@@ -83,6 +83,13 @@ async fn node_op(addr: SocketAddr, node: &str, op: &str) {
     assert_eq!(r.status, 204, "{op} {node}: {}", r.body);
 }
 
+/// `POST /v1/nodes/{node}/drain` with a deadline `deadline_s` from now, which must answer 204.
+async fn drain(addr: SocketAddr, node: &str, deadline_s: u64) {
+    let body = format!(r#"{{"deadline_s":{deadline_s}}}"#);
+    let r = post(addr, &format!("/v1/nodes/{node}/drain"), &body, &[]).await;
+    assert_eq!(r.status, 204, "drain {node}: {}", r.body);
+}
+
 fn session(game: &str, tier: &str, player: &str) -> String {
     format!(r#"{{"game":"{game}","tier":"{tier}","player_id":"{player}"}}"#)
 }
@@ -335,17 +342,7 @@ async fn operators_cordon_and_drain_nodes_and_others_may_not() {
         );
     }
     node_op(addr, &a, "uncordon").await;
-    assert_eq!(
-        post(
-            addr,
-            &format!("/v1/nodes/{b}/drain"),
-            r#"{"deadline_s":600}"#,
-            &[]
-        )
-        .await
-        .status,
-        204
-    );
+    drain(addr, &b, 600).await;
     let drained = node_view(addr, &b).await;
     assert_eq!(drained["state"], "draining");
     let r = post(
@@ -800,17 +797,7 @@ async fn cordons_and_drains_survive_a_broker_restart() {
     let nodes = dev.nodes();
     let (a, b) = (nodes[0].to_string(), nodes[1].to_string());
     node_op(addr, &a, "cordon").await;
-    assert_eq!(
-        post(
-            addr,
-            &format!("/v1/nodes/{b}/drain"),
-            r#"{"deadline_s":600}"#,
-            &[]
-        )
-        .await
-        .status,
-        204
-    );
+    drain(addr, &b, 600).await;
 
     dev.restart_broker().await.unwrap();
     let addr = dev.broker().http;
@@ -861,17 +848,7 @@ async fn an_uncordon_after_a_finished_drain_lets_the_node_take_sessions_again() 
     let (a, b) = (nodes[0].to_string(), nodes[1].to_string());
     // A drain whose deadline is now: it finishes at once and leaves B cordoned, its agent
     // still draining.
-    assert_eq!(
-        post(
-            addr,
-            &format!("/v1/nodes/{b}/drain"),
-            r#"{"deadline_s":0}"#,
-            &[]
-        )
-        .await
-        .status,
-        204
-    );
+    drain(addr, &b, 0).await;
     wait_for_node_state(addr, &b, "cordoned").await;
     // With A cordoned, B is the only choice once uncordoned: its agent must have been told
     // to resume, or it refuses the session (503).
