@@ -776,8 +776,13 @@ async fn wait_for_node_state(addr: SocketAddr, node: &str, state: &str) {
 
 /// Polls `GET /v1/sessions/{id}` until the session has ended (bounded), and returns it.
 async fn wait_for_end(addr: SocketAddr, id: &str) -> serde_json::Value {
+    wait_for_end_within(addr, id, LIMIT).await
+}
+
+/// [`wait_for_end`] with another limit.
+async fn wait_for_end_within(addr: SocketAddr, id: &str, limit: Duration) -> serde_json::Value {
     let path = format!("/v1/sessions/{id}");
-    timeout(LIMIT, async {
+    timeout(limit, async {
         loop {
             let s = get(addr, &path).await.json();
             if s["state"] == "ended" {
@@ -946,7 +951,7 @@ async fn open_store(data_dir: &std::path::Path) -> framecast_broker::store::Stor
 }
 
 #[tokio::test]
-async fn a_recovered_reservation_whose_agent_never_returns_lapses_at_its_expiry() {
+async fn a_lapsed_recovered_reservation_waits_for_its_agent_and_ends_node_lost_without_one() {
     let dir = tempfile::tempdir().unwrap();
     let id = reserve_and_stop(dir.path()).await;
     // The reservation's time runs out while the broker is down (rewound in its store rather
@@ -962,10 +967,26 @@ async fn a_recovered_reservation_whose_agent_never_returns_lapses_at_its_expiry(
         record.expires_at = Some(Timestamp::from_millis(Timestamp::now().as_millis() - 1_000));
         store.put_session(&record).unwrap();
     }
-    // No agent comes back.
-    let dev = start_dev(options_in(dir.path(), 0)).await.unwrap();
+    // No agent comes back. The broker cannot know whether the player connected while it was
+    // away, so the lapsed reservation is not ended `expired` before the node's agent says
+    // hello; with none within the orphan sweep's window it ends `node-lost`.
+    let mut options = options_in(dir.path(), 0);
+    options.tune = Some(Tune::new(|c| {
+        patient(c);
+        c.control.heartbeat_interval_ms = 100;
+        c.control.suspect_after_ms = 300;
+        c.control.down_after_ms = 600;
+        c.control.node_lost_grace_ms = 300;
+    }));
+    let dev = start_dev(options).await.unwrap();
     let addr = dev.broker().http;
-    let ended = wait_for_end(addr, &id).await;
-    assert_eq!(ended["end_reason"], "expired", "{ended}");
+    // Five of the driver's 200 ms ticks: a lapse check that ignored the missing hello would
+    // have ended it by now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let early = get(addr, &format!("/v1/sessions/{id}")).await.json();
+    assert_eq!(early["state"], "reserved", "{early}");
+    // The sweep waits down_after + node_lost_grace + an agent's longest backoff (30 s).
+    let ended = wait_for_end_within(addr, &id, Duration::from_secs(90)).await;
+    assert_eq!(ended["end_reason"], "node-lost", "{ended}");
     dev.stop().await;
 }

@@ -299,7 +299,7 @@ async fn admit(
         // Sessions from before a broker restart placed on this node: the engine holds those
         // the agent reported; the others end now, as a hello ends any session the agent does
         // not report.
-        let not_held = recovered_not_held(&mut st.sessions, &st.engine, hello);
+        let not_held = recovered_not_held(&mut st.sessions, &st.engine, hello, now);
         // An adopted drain is recorded like an operator's (a restored one is stored already).
         let recorded = matches!(sync, DrainSync::Adopt(_)).then(|| {
             broker
@@ -397,6 +397,7 @@ fn recovered_not_held(
     sessions: &mut std::collections::BTreeMap<SessionId, super::Entry>,
     engine: &Engine,
     hello: &Hello,
+    now: Timestamp,
 ) -> Vec<(SessionId, EndReason, bool)> {
     let mut not_held = Vec::new();
     for (id, e) in sessions.iter_mut() {
@@ -405,6 +406,9 @@ fn recovered_not_held(
         }
         if engine.session_state(id).is_some() {
             e.awaiting_agent = false;
+            // The player's input before the restart is unknown: the idle timeout counts from
+            // the adoption, not from when the session became active.
+            e.last_input.get_or_insert(now);
             continue;
         }
         let reported = hello.sessions.iter().find(|s| &s.session_id == id);

@@ -86,7 +86,8 @@ const AGENT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// After a restart, placed sessions wait for their agents' hellos (a hello ends at once those
 /// its agent does not report, see `control`); those whose agent has not said hello within the
 /// down timeout, the node-lost grace and an agent's longest reconnect backoff end with
-/// `node-lost` (a reservation that lapses first ends `expired`, see `Broker::end_overdue`).
+/// `node-lost`, a lapsed reservation too: until its agent's hello the broker cannot know
+/// whether the player connected while it was away.
 async fn orphans(broker: &Broker) {
     let c = &broker.inner.config.control;
     let grace = Duration::from_millis(u64::from(c.down_after_ms) + u64::from(c.node_lost_grace_ms))

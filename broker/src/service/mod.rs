@@ -1260,9 +1260,13 @@ impl Broker {
     pub(crate) async fn end_overdue(&self, now: Timestamp) {
         let idle = {
             let st = self.state();
+            // A session still waiting for its agent after a restart is the hello's to judge.
             past_idle_timeout(
                 &self.inner.config,
-                st.sessions.values().map(|e| (&e.record, e.last_input)),
+                st.sessions
+                    .values()
+                    .filter(|e| !e.awaiting_agent)
+                    .map(|e| (&e.record, e.last_input)),
                 now,
             )
         };
@@ -1282,12 +1286,24 @@ impl Broker {
             tracing::info!(session_id = %id, "session reached its maximum length");
             self.end(&id, EndReason::MaxLength, true).await;
         }
-        // The engine times the reservations it made; this also catches those it does not
-        // hold the same way: a reservation from before a restart whose agent has not said
-        // hello yet, or one its agent reported, which the engine gave a fresh TTL.
+        // The engine times the reservations it made; this also catches one it adopted from
+        // an agent's report after a restart, which it gave a fresh TTL. Only while the engine
+        // still holds it as reserved (the player may have connected while the record was not
+        // told), and never before the agent's hello: a recovered session is the hello's to
+        // judge (the orphan sweep ends it if no agent comes back).
         let lapsed = {
             let st = self.state();
-            past_reservation(st.sessions.values().map(|e| &e.record), now)
+            past_reservation(
+                st.sessions
+                    .values()
+                    .filter(|e| !e.awaiting_agent)
+                    .filter(|e| {
+                        st.engine.session_state(&e.record.session_id)
+                            == Some(SessionState::Reserved)
+                    })
+                    .map(|e| &e.record),
+                now,
+            )
         };
         for id in lapsed {
             tracing::info!(session_id = %id, "reservation lapsed");
