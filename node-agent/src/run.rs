@@ -332,6 +332,16 @@ fn game_user(config: &AgentConfig) -> anyhow::Result<Option<GameUser>> {
     match &config.instances.user {
         Some(spec) => {
             let user = GameUser::resolve(spec)?;
+            let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+            // Only root may switch to another user (and give the capture dir to its group);
+            // without it every game launch would fail later, one by one.
+            if !uid.is_root() && (user.uid != uid.as_raw() || user.gid != gid.as_raw()) {
+                bail!(
+                    "instances.user = {spec:?}: starting games as another user needs the agent \
+                     to run as root (it runs as uid {uid}); leave instances.user unset, or run \
+                     the agent as root"
+                );
+            }
             tracing::info!(
                 uid = user.uid,
                 gid = user.gid,
