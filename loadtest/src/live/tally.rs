@@ -77,6 +77,9 @@ struct WarmCounts {
     hits: u64,
     cold: u64,
     steered: u64,
+    /// The planner's rounds: they rise every round, so a lower count means a restart even
+    /// when the other counters happen to be higher again by the next sample.
+    rounds: u64,
 }
 
 impl Tally {
@@ -120,14 +123,19 @@ impl Tally {
             hits: c.warm_hits,
             cold: c.cold_starts,
             steered: c.steered,
+            rounds: c.rounds,
         };
         let was = self.warm_reported;
-        let restarted = now.hits < was.hits || now.cold < was.cold || now.steered < was.steered;
+        let restarted = now.rounds < was.rounds
+            || now.hits < was.hits
+            || now.cold < was.cold
+            || now.steered < was.steered;
         let base = |total: u64, was: u64| if restarted { total } else { total - was };
         self.warm = WarmCounts {
             hits: base(self.warm.hits, was.hits) + now.hits,
             cold: base(self.warm.cold, was.cold) + now.cold,
             steered: base(self.warm.steered, was.steered) + now.steered,
+            rounds: now.rounds,
         };
         self.warm_reported = now;
     }
@@ -371,6 +379,9 @@ pub(crate) struct PlanCounters {
     /// GPUs steered away to be re-profiled.
     #[serde(default)]
     pub steered: u64,
+    /// Planning rounds run.
+    #[serde(default)]
+    pub rounds: u64,
 }
 
 /// A target of `GET /v1/pools/plan`.
@@ -452,6 +463,26 @@ mod tests {
         assert_eq!(r.peak, sample);
         // smoke.toml allows no rejection.
         assert!(!r.ok);
+    }
+
+    #[test]
+    fn the_brokers_warm_counters_add_up_across_its_restarts() {
+        let mut t = Tally::new();
+        t.pools = "planner".into();
+        let c = |hits, cold, rounds| PlanCounters {
+            warm_hits: hits,
+            cold_starts: cold,
+            steered: 0,
+            rounds,
+        };
+        t.observe_warm(&c(3, 2, 40));
+        t.observe_warm(&c(5, 2, 50));
+        // A restart, and by the next sample more hits than before it: the rounds tell.
+        t.observe_warm(&c(10, 5, 7));
+        t.observe_warm(&c(12, 5, 9));
+        let r = t.report(&smoke(), (4, 8), Vec::new(), Duration::from_secs(1));
+        assert_eq!((r.warm_hits, r.cold_starts), (5 + 12, 2 + 5));
+        assert_eq!(r.warm_hit_ratio, Some(17.0 / 24.0));
     }
 
     #[test]
