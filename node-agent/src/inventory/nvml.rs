@@ -154,7 +154,9 @@ fn av1_capacity(device: &Device<'_>) -> Result<Option<u32>, NvmlError> {
 }
 
 /// A model description from what NVML reports, for a GPU the table does not know. NVML does not
-/// say how many NVENC engines a GPU has; one is assumed where the encoder answers at all.
+/// say how many NVENC engines a GPU has; one is assumed where the encoder answers at all — and
+/// it answers on GPUs without NVENC too (an H200 reports 100% H.264 and HEVC capacity), so the
+/// assumption is logged: such a model belongs in the built-in table.
 fn spec_from_nvml(
     name: &str,
     memory: Megabytes,
@@ -173,6 +175,14 @@ fn spec_from_nvml(
         encode_codecs.push(Codec::Av1);
     }
     let nvenc_engines = u8::from(!encode_codecs.is_empty());
+    if nvenc_engines > 0 {
+        tracing::warn!(
+            model = name,
+            "a GPU model the built-in table does not know: one NVENC engine is assumed because \
+             NVML answers its encoder queries, but NVML answers them on GPUs without NVENC too \
+             (the H100 and H200 do); sessions placed here are encoded in software if it has none"
+        );
+    }
     let vgpu_profiles: Vec<VgpuProfile> = vgpu
         .iter()
         .filter_map(|t| {

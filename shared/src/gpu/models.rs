@@ -29,7 +29,7 @@ use crate::units::{ComputeShare, EncoderUnits, FramebufferSize, Megabytes};
 pub const UNITS_PER_NVENC_ENGINE: u32 = 6;
 
 /// The model names in the built-in table, in the order [`all`] returns them.
-pub const NAMES: [&str; 8] = [
+pub const NAMES: [&str; 9] = [
     "NVIDIA L4",
     "NVIDIA L40S",
     "NVIDIA A10",
@@ -38,6 +38,7 @@ pub const NAMES: [&str; 8] = [
     "NVIDIA A100-SXM4-40GB",
     "NVIDIA H100 80GB HBM3",
     "NVIDIA H100 PCIe",
+    "NVIDIA H200",
 ];
 
 /// Every built-in GPU model.
@@ -51,6 +52,7 @@ pub fn all() -> Vec<GpuSpec> {
         a100_40gb(),
         h100_80gb("NVIDIA H100 80GB HBM3"),
         h100_80gb("NVIDIA H100 PCIe"),
+        h200(),
     ]
 }
 
@@ -204,6 +206,29 @@ pub fn h100_80gb(model: &str) -> GpuSpec {
             ("3g.40gb", 3, 40, 2),
             ("4g.40gb", 4, 40, 1),
             ("7g.80gb", 7, 80, 1),
+        ],
+    )
+}
+
+/// NVIDIA H200 (GH100, Hopper), 141 GB HBM3e: MIG 7-way, **no NVENC**.
+///
+/// Source: NVIDIA H200 Tensor Core GPU datasheet ("141GB", "Up to 7 MIGs @18GB each", "7 NVDEC,
+/// 7 JPEG" and no encoder); NVIDIA MIG user guide, H200 141GB profiles 1g.18gb ×7, 1g.35gb ×4,
+/// 2g.35gb ×3, 3g.71gb ×2, 4g.71gb ×1, 7g.141gb ×1. Seen through NVML (driver 580.159.04):
+/// named `NVIDIA H200`, 143 771 MiB — and NVML's encoder-capacity query answers 100% for H.264
+/// and HEVC on it all the same, which is why this entry must say "no encoder" itself.
+pub fn h200() -> GpuSpec {
+    mig_only(
+        "NVIDIA H200",
+        141,
+        &[
+            ("1g.18gb", 1, 18, 7),
+            ("1g.35gb", 1, 35, 4),
+            ("2g.35gb", 2, 35, 3),
+            // 70.5 GB each in fact: whole gigabytes here, rounded down so that two fit.
+            ("3g.71gb", 3, 70, 2),
+            ("4g.71gb", 4, 70, 1),
+            ("7g.141gb", 7, 141, 1),
         ],
     )
 }
