@@ -80,19 +80,28 @@ pub struct PlannerConfig {
     pub daily_profile: bool,
 }
 
+/// The defaults of `[planner]` in `broker.toml`: one set of defaults for the service, the
+/// simulator and the tests.
 impl Default for PlannerConfig {
     fn default() -> Self {
+        Self::from(&framecast_shared::config::planner::PlannerConfig::default())
+    }
+}
+
+/// The core's settings from `[planner]` (its webhook settings are the service's).
+impl From<&framecast_shared::config::planner::PlannerConfig> for PlannerConfig {
+    fn from(s: &framecast_shared::config::planner::PlannerConfig) -> Self {
         Self {
-            round_every: Duration::from_secs(10),
-            short_window: Duration::from_secs(5 * 60),
-            long_window: Duration::from_secs(60 * 60),
-            launch_time: Duration::from_secs(30),
-            safety_z: 4.0,
-            min_warm: 0,
-            max_warm: 64,
-            max_changes_per_round: 64,
-            hysteresis_rounds: 3,
-            daily_profile: true,
+            round_every: s.round_every(),
+            short_window: s.short_window(),
+            long_window: s.long_window(),
+            launch_time: s.launch_time(),
+            safety_z: s.safety_z,
+            min_warm: s.min_warm,
+            max_warm: s.max_warm,
+            max_changes_per_round: usize::try_from(s.max_changes_per_round).unwrap_or(usize::MAX),
+            hysteresis_rounds: s.hysteresis_rounds,
+            daily_profile: s.daily_profile,
         }
     }
 }

@@ -98,7 +98,7 @@ impl Planning {
         if !section.enabled {
             return Ok(None);
         }
-        let config = core_config(section);
+        let config = PlannerConfig::from(section);
         // The loaded configuration was validated already; this only guards a broker built
         // from a config that never went through `load`.
         config.validate()?;
@@ -391,22 +391,6 @@ impl Broker {
             .iter()
             .map(|n| (n.id.clone(), (sent(&n.id), n.plan_generation)))
             .collect()
-    }
-}
-
-/// The planner core's configuration from `[planner]`.
-pub(crate) fn core_config(s: &PlannerSection) -> PlannerConfig {
-    PlannerConfig {
-        round_every: s.round_every(),
-        short_window: s.short_window(),
-        long_window: s.long_window(),
-        launch_time: s.launch_time(),
-        safety_z: s.safety_z,
-        min_warm: s.min_warm,
-        max_warm: s.max_warm,
-        max_changes_per_round: usize::try_from(s.max_changes_per_round).unwrap_or(usize::MAX),
-        hysteresis_rounds: s.hysteresis_rounds,
-        daily_profile: s.daily_profile,
     }
 }
 

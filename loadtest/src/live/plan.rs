@@ -240,12 +240,11 @@ pub(crate) fn scale_timers(config: &mut BrokerConfig, speed: f64, run: Duration)
 pub(crate) fn plan_pools(config: &mut BrokerConfig, pools: &Pools, speed: f64) {
     let p = &mut config.planner;
     p.enabled = pools.policy != PoolPolicy::None;
-    let d = framecast_broker::planner::PlannerConfig::default();
     let k = &pools.planner;
     // The broker's rounds are 0.2 s at the shortest (its driver's tick).
     p.round_every_s = (pools.round_every_s as f64 / speed).max(0.2);
-    p.short_window_s = (d.short_window.as_secs_f64() / speed).max(p.round_every_s);
-    p.long_window_s = (d.long_window.as_secs_f64() / speed).max(p.short_window_s);
+    p.short_window_s = (p.short_window_s / speed).max(p.round_every_s);
+    p.long_window_s = (p.long_window_s / speed).max(p.short_window_s);
     p.launch_time_s = (pools.launch_s as f64 / speed).clamp(0.1, 3600.0);
     p.daily_profile = false;
     p.webhook_url = None;
@@ -257,9 +256,9 @@ pub(crate) fn plan_pools(config: &mut BrokerConfig, pools: &Pools, speed: f64) {
             p.max_warm = pools.fixed_per_key;
         }
         PoolPolicy::Planner => {
-            p.safety_z = k.safety_z.unwrap_or(d.safety_z);
-            p.min_warm = k.min_warm.unwrap_or(d.min_warm);
-            p.max_warm = k.max_warm.unwrap_or(d.max_warm);
+            p.safety_z = k.safety_z.unwrap_or(p.safety_z);
+            p.min_warm = k.min_warm.unwrap_or(p.min_warm);
+            p.max_warm = k.max_warm.unwrap_or(p.max_warm);
             p.max_changes_per_round = k
                 .max_changes_per_round
                 .map_or(p.max_changes_per_round, |n| {
