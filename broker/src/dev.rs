@@ -188,11 +188,22 @@ impl Dev {
     /// restarted agent process would be: it reconnects with its stored generation and adopts
     /// what it still runs. False when there is no such agent.
     pub async fn restart_agent(&mut self, node: &NodeId) -> bool {
+        self.restart_agent_with(node, |_| {}).await
+    }
+
+    /// [`Dev::restart_agent`] with `change` applied to the agent's configuration first (a
+    /// known `/metrics` port, say); the change stays for later restarts.
+    pub async fn restart_agent_with(
+        &mut self,
+        node: &NodeId,
+        change: impl FnOnce(&mut AgentConfig),
+    ) -> bool {
         let Some(i) = self.agents.iter().position(|a| &a.node == node) else {
             return false;
         };
         let old = self.agents.remove(i);
-        let config = old.config.clone();
+        let mut config = old.config.clone();
+        change(&mut config);
         old.stop().await;
         self.agents.insert(i, DevAgent::start(node.clone(), config));
         true

@@ -21,6 +21,7 @@
 
 mod chromium;
 mod http;
+mod tuning;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -29,17 +30,14 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::time::timeout;
 
 use framecast_broker::dev::{Dev, DevOptions, Tune, start_dev};
-use framecast_shared::config::TlsConfig;
-use framecast_shared::config::agent::{AgentConfig, InventorySource, VgpuBackendKind};
 use framecast_shared::config::planner::WebhookUrl;
 use framecast_shared::ids::NodeId;
 use framecast_shared::state::EndReason;
 
 use http::{request, wait_for};
+use tuning::fast_planner;
 
 const KEY: &str = "dev-key";
 const NODE: &str = "dev-node-1";
@@ -177,36 +175,25 @@ fn expressions_are_read_from_yaml_lines_and_blocks() {
 
 // ---- the deployment --------------------------------------------------------------------
 
-/// Dev mode with one node whose agent this test runs itself, so that it knows the agent's
-/// `/metrics` address (dev mode's agents bind theirs on a port nobody is told).
+/// Dev mode with one node whose agent is restarted with `/metrics` on a known port (dev mode's
+/// agents bind theirs on a port nobody is told).
 struct Deployment {
     dev: Dev,
     agent_http: SocketAddr,
-    agent_stop: watch::Sender<bool>,
-    agent: tokio::task::JoinHandle<anyhow::Result<()>>,
-    _dir: tempfile::TempDir,
 }
 
 impl Deployment {
     async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
         let webhook = refusing_webhook().await;
         let mut dev = start_dev(DevOptions {
             nodes: 1,
             gpus_toml: "[[gpus]]\nmodel = \"l4\"\ncount = 2\n".into(),
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
-            data_dir: Some(dir.path().to_owned()),
+            data_dir: None,
             api_key: KEY.into(),
             tune: Some(Tune::new(move |c| {
                 // A planner that plans at once, so that warm instances appear within the test.
-                c.control.heartbeat_interval_ms = 100;
-                c.planner.round_every_s = 0.2;
-                c.planner.short_window_s = 5.0;
-                c.planner.long_window_s = 10.0;
-                c.planner.launch_time_s = 2.0;
-                c.planner.hysteresis_rounds = 0;
-                c.planner.min_warm = 1;
-                c.planner.daily_profile = false;
+                fast_planner(c);
                 c.timers.reservation_ttl_s = RESERVATION_TTL_S;
                 // Every post fails, so that the failures are counted.
                 c.planner.webhook_url = Some(webhook.clone());
@@ -218,32 +205,13 @@ impl Deployment {
         let addr = dev.broker().http;
         connected(addr).await;
 
-        // The same node again, from the files dev mode wrote, with /metrics on a known port.
+        // The same node again, with /metrics on a known port.
         let node = NodeId::new(NODE).unwrap();
-        dev.stop_agent(&node).await;
-        let root = dir.path();
         let agent_http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let mut config = AgentConfig {
-            node_id: Some(node),
-            region: dev.broker().broker.config().region.clone(),
-            data_dir: root.join(NODE),
-            ..AgentConfig::default()
-        };
-        config.broker.address = dev.broker().control.to_string();
-        config.broker.server_name = "localhost".into();
-        config.broker.tls = Some(TlsConfig {
-            ca_cert: root.join("pki/ca.pem"),
-            cert: root.join(format!("pki/{NODE}.pem")),
-            key: root.join(format!("pki/{NODE}.key")),
-        });
-        config.inventory.source = InventorySource::Simulated;
-        config.inventory.simulate = Some(root.join("gpus.toml"));
-        config.vgpu.backend = VgpuBackendKind::Simulated;
-        config.http.listen = agent_http;
-        config.whep.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.whep.loopback_candidates = true;
-        let (agent_stop, stop_rx) = watch::channel(false);
-        let agent = tokio::spawn(framecast_agent::run::run_until(config, None, stop_rx));
+        assert!(
+            dev.restart_agent_with(&node, |c| c.http.listen = agent_http)
+                .await
+        );
         // Ready: this agent's control link is up (the broker may still list the old one's).
         wait_for("the agent is ready", || async move {
             tokio::net::TcpStream::connect(agent_http).await.ok()?;
@@ -251,18 +219,10 @@ impl Deployment {
         })
         .await;
         connected(addr).await;
-        Self {
-            dev,
-            agent_http,
-            agent_stop,
-            agent,
-            _dir: dir,
-        }
+        Self { dev, agent_http }
     }
 
     async fn stop(self) {
-        let _ = self.agent_stop.send(true);
-        let _ = timeout(Duration::from_secs(5), self.agent).await;
         self.dev.stop().await;
     }
 }

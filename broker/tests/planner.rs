@@ -11,6 +11,7 @@
 )]
 
 mod http;
+mod tuning;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -21,26 +22,13 @@ use tokio::sync::mpsc;
 use tokio::time::timeout;
 
 use framecast_broker::dev::{Dev, DevOptions, Tune, start_dev};
-use framecast_shared::config::BrokerConfig;
 use framecast_shared::config::planner::WebhookUrl;
 
 use http::{Response, request, wait_for};
+use tuning::fast_planner;
 
 const LIMIT: Duration = Duration::from_secs(30);
 const KEY: &str = "dev-key";
-
-/// A planner that plans at once: rounds every 200 ms, no hysteresis, at least one warm
-/// instance for anything asked for, and heartbeats that report back quickly.
-fn fast_planner(c: &mut BrokerConfig) {
-    c.control.heartbeat_interval_ms = 100;
-    c.planner.round_every_s = 0.2;
-    c.planner.short_window_s = 5.0;
-    c.planner.long_window_s = 10.0;
-    c.planner.launch_time_s = 2.0;
-    c.planner.hysteresis_rounds = 0;
-    c.planner.min_warm = 1;
-    c.planner.daily_profile = false;
-}
 
 async fn dev_with(nodes: usize, gpus: u32, tune: Tune) -> Dev {
     let dev = start_dev(DevOptions {

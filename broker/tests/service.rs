@@ -90,6 +90,13 @@ async fn drain(addr: SocketAddr, node: &str, deadline_s: u64) {
     assert_eq!(r.status, 204, "drain {node}: {}", r.body);
 }
 
+/// `POST /v1/sessions` for `game` at `tier`, which must answer 201 (a slot is reserved).
+async fn reserve(addr: SocketAddr, game: &str, tier: &str, player: &str) -> Response {
+    let r = post(addr, "/v1/sessions", &session(game, tier, player), &[]).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    r
+}
+
 fn session(game: &str, tier: &str, player: &str) -> String {
     format!(r#"{{"game":"{game}","tier":"{tier}","player_id":"{player}"}}"#)
 }
@@ -112,14 +119,7 @@ fn assert_problem(r: &Response, status: u16) -> serde_json::Value {
 async fn a_session_is_reserved_on_an_agent_with_a_token_it_can_verify() {
     let dev = dev_with(2, 2, None).await;
     let addr = dev.broker().http;
-    let r = post(
-        addr,
-        "/v1/sessions",
-        &session("arena-shooter", "1080p", "p1"),
-        &[],
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", r.body);
+    let r = reserve(addr, "arena-shooter", "1080p", "p1").await;
     let s = r.json();
     assert_eq!(s["state"], "reserved");
     assert_eq!(s["tier"], "1080p");
@@ -280,14 +280,7 @@ async fn a_full_fleet_queues_or_refuses_and_a_queued_player_hears_when_placed() 
     let addr = dev.broker().http;
     let mut ids = Vec::new();
     for i in 0..3 {
-        let r = post(
-            addr,
-            "/v1/sessions",
-            &session("open-world", "4k", &format!("p{i}")),
-            &[],
-        )
-        .await;
-        assert_eq!(r.status, 201, "{}", r.body);
+        let r = reserve(addr, "open-world", "4k", &format!("p{i}")).await;
         ids.push(r.json()["session_id"].as_str().unwrap().to_owned());
     }
     let no_queue = r#"{"game":"open-world","tier":"4k","player_id":"p9","queue":false}"#;
@@ -385,14 +378,7 @@ async fn operators_cordon_and_drain_nodes_and_others_may_not() {
     // B takes sessions again.
     node_op(addr, &b, "uncordon").await;
     node_op(addr, &a, "cordon").await;
-    let r = post(
-        addr,
-        "/v1/sessions",
-        &session("open-world", "720p", "p4"),
-        &[],
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", r.body);
+    let r = reserve(addr, "open-world", "720p", "p4").await;
     assert_eq!(r.json()["node_id"], b.as_str());
     node_op(addr, &a, "uncordon").await;
     dev.stop().await;
@@ -580,14 +566,7 @@ async fn after_a_restart_the_broker_finds_its_sessions_and_idempotency_keys_agai
     .await
     .unwrap();
     for i in 0..3 {
-        let r = post(
-            addr,
-            "/v1/sessions",
-            &session("open-world", "4k", &format!("p{i}")),
-            &[],
-        )
-        .await;
-        assert_eq!(r.status, 201, "{}", r.body);
+        reserve(addr, "open-world", "4k", &format!("p{i}")).await;
     }
     let body = session("open-world", "4k", "waiting");
     let key = [("idempotency-key", "k-queued")];
@@ -664,14 +643,7 @@ async fn a_broker_restart_with_sessions_running_loses_and_doubles_nothing() {
     let addr = dev.broker().http;
     let mut created = Vec::new();
     for i in 0..12 {
-        let r = post(
-            addr,
-            "/v1/sessions",
-            &session("open-world", "720p", &format!("p{i}")),
-            &[],
-        )
-        .await;
-        assert_eq!(r.status, 201, "{}", r.body);
+        let r = reserve(addr, "open-world", "720p", &format!("p{i}")).await;
         created.push(r.json()["session_id"].as_str().unwrap().to_owned());
     }
     created.sort();
@@ -704,14 +676,7 @@ async fn a_broker_restart_with_sessions_running_loses_and_doubles_nothing() {
             .status,
         204
     );
-    let r = post(
-        addr,
-        "/v1/sessions",
-        &session("open-world", "720p", "new"),
-        &[],
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", r.body);
+    reserve(addr, "open-world", "720p", "new").await;
     dev.stop().await;
 }
 
@@ -826,14 +791,7 @@ async fn cordons_and_drains_survive_a_broker_restart() {
     // Once the cordon is lifted, sessions go to that node, not to the draining one.
     node_op(addr, &a, "uncordon").await;
     for i in 1..3 {
-        let r = post(
-            addr,
-            "/v1/sessions",
-            &session("open-world", "720p", &format!("p{i}")),
-            &[],
-        )
-        .await;
-        assert_eq!(r.status, 201, "{}", r.body);
+        let r = reserve(addr, "open-world", "720p", &format!("p{i}")).await;
         assert_eq!(r.json()["node_id"], a.as_str());
     }
     // The uncordon is recorded too: after another restart A is ready, B still draining.
@@ -859,14 +817,7 @@ async fn an_uncordon_after_a_finished_drain_lets_the_node_take_sessions_again() 
     // to resume, or it refuses the session (503).
     node_op(addr, &a, "cordon").await;
     node_op(addr, &b, "uncordon").await;
-    let r = post(
-        addr,
-        "/v1/sessions",
-        &session("open-world", "720p", "p1"),
-        &[],
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", r.body);
+    let r = reserve(addr, "open-world", "720p", "p1").await;
     assert_eq!(r.json()["node_id"], b.as_str());
     dev.stop().await;
 }
@@ -896,14 +847,7 @@ async fn reserve_and_stop(dir: &std::path::Path) -> String {
     let dev = start_dev(options_in(dir, 1)).await.unwrap();
     let addr = dev.broker().http;
     all_connected(addr, 1).await;
-    let r = post(
-        addr,
-        "/v1/sessions",
-        &session("open-world", "720p", "p1"),
-        &[],
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", r.body);
+    let r = reserve(addr, "open-world", "720p", "p1").await;
     let id = r.json()["session_id"].as_str().unwrap().to_owned();
     dev.stop().await;
     id
@@ -922,14 +866,7 @@ async fn a_recovered_session_its_restarted_agent_does_not_hold_ends_at_its_hello
     assert_eq!(ended["end_reason"], "error", "{ended}");
     // Its slot is free: the node takes a session of the same size.
     all_connected(addr, 1).await;
-    let r = post(
-        addr,
-        "/v1/sessions",
-        &session("open-world", "720p", "p2"),
-        &[],
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", r.body);
+    reserve(addr, "open-world", "720p", "p2").await;
     dev.stop().await;
 }
 
