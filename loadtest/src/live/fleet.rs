@@ -215,8 +215,14 @@ pub(crate) async fn sample_at(ctx: &Ctx, at_ms: u64) -> Option<Sample> {
     if nodes.is_none() && pools.is_none() {
         return None;
     }
-    // Operators only: without it the run has no warm figures.
-    let plan = read::<PlanBody>(&ctx.polls, "/v1/pools/plan").await;
+    // Operators only: without it the run has no warm figures. Not read when the tool's own
+    // broker runs no planner (an existing broker's policy is learned from it).
+    let planless = ctx.tally().pools == "none";
+    let plan = if planless {
+        None
+    } else {
+        read::<PlanBody>(&ctx.polls, "/v1/pools/plan").await
+    };
     Some(ctx.tally().sample(
         at_ms / 1000,
         nodes.as_deref(),
