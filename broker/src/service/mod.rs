@@ -1293,17 +1293,15 @@ impl Broker {
         // judge (the orphan sweep ends it if no agent comes back).
         let lapsed = {
             let st = self.state();
-            past_reservation(
+            let mut lapsed = past_reservation(
                 st.sessions
                     .values()
                     .filter(|e| !e.awaiting_agent)
-                    .filter(|e| {
-                        st.engine.session_state(&e.record.session_id)
-                            == Some(SessionState::Reserved)
-                    })
                     .map(|e| &e.record),
                 now,
-            )
+            );
+            lapsed.retain(|id| st.engine.session_state(id) == Some(SessionState::Reserved));
+            lapsed
         };
         for id in lapsed {
             tracing::info!(session_id = %id, "reservation lapsed");
